@@ -1,0 +1,3 @@
+"""trader: a hybrid RL + LLM trading daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""python -m trader"""
+
+import sys
+
+from trader.cli import main
+
+sys.exit(main())

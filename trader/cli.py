@@ -1,0 +1,222 @@
+"""Command line: ``trader replay | check-config | features | bench``.
+
+Exit codes: 0 ok, 1 run failed, 2 bad configuration, data or policy (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from trader import __version__
+from trader.config import ConfigError, Settings, effective_config_toml, load_settings
+from trader.feeds.replay import DataError
+from trader.policy import PolicyError
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed, else the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    if getattr(args, "data", None):
+        data["paths"] = [str(Path(p).resolve()) for p in args.data]
+    if getattr(args, "date_from", None):
+        data["start"] = args.date_from
+    if getattr(args, "date_to", None):
+        data["end"] = args.date_to
+    if getattr(args, "speed", None) is not None:
+        data["speed"] = args.speed
+    if data:
+        o["data"] = data
+    if getattr(args, "policy", None):
+        o["policy"] = {"path": str(Path(args.policy).resolve())}
+    if getattr(args, "journal", None):
+        o["journal"] = {"path": str(Path(args.journal).resolve())}
+    return o
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, _overrides(args))
+
+
+class _Progress:
+    """A one-line progress bar on a terminal (stderr); silent otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(total, 1)
+        self.enabled = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        if not self.enabled:
+            return
+        frac = min(done / self.total, 1.0)
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\rreplay [{bar:<30}] {frac:6.1%} {done}/{self.total} bars {rate:,.0f} bars/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from trader.engine import build_replay
+    from trader.report import build_report, format_table, write_json, write_plot_html
+
+    run = build_replay(settings)
+    engine, journal = run.engine, run.journal
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, engine.request_stop)
+    progress = _Progress(len(run.recorded))
+    engine.progress = progress
+    status = "failed"
+    try:
+        stats = await engine.run()
+        status = stats.status
+    finally:
+        progress.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        report = build_report(engine.stats, engine.portfolio.trades, settings.account.starting_balance_usd,
+                              engine.clock, {"run_id": run.run_id, "journal": str(journal.path)})
+        try:
+            journal.finish_run(run.run_id, status, engine.stats.bars, report["bars_rejected"], report)
+        finally:
+            journal.close()
+    print(format_table(report))
+    if args.report:
+        write_json(report, args.report)
+    plot = args.plot or (Path(args.report).with_suffix(".html") if args.report else
+                         journal.path.parent / f"equity-{run.run_id[:8]}.html")
+    write_plot_html(engine.stats, settings.account.starting_balance_usd, plot, f"trader replay {run.run_id[:8]}")
+    print(f"\njournal: {journal.path}  run: {run.run_id}  plot: {plot}" + (f"  report: {args.report}" if args.report
+                                                                             else ""))
+    return 0 if status in ("completed", "stopped") else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from trader.logs import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.logging)
+    return run_loop(_replay(settings, args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    sys.stdout.write(effective_config_toml(settings))
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    import numpy as np
+    import polars as pl
+
+    from trader.engine import _accepted_rows
+    from trader.execution.portfolio import Portfolio
+    from trader.features.observation import AccountFeatures, BulkFeatures, load_feature_blocks
+    from trader.feeds.replay import load_bars
+
+    settings = _settings(args)
+    rb = load_bars(settings.data)
+    ok = _accepted_rows(rb)
+    cols = {k: getattr(rb, k)[ok] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
+    feats = BulkFeatures(settings, cols, load_feature_blocks(settings.features.custom_blocks))
+    # account columns describe a flat account at the starting balance (they depend on trading)
+    snap = Portfolio(settings).snapshot()
+    acct = AccountFeatures(settings, feats.layout)
+    rows = feats.rows
+    for i in range(len(rows)):
+        acct.fill(rows[i], snap, float(cols["close"][i]), float(feats.atr_col[i]), 0)
+    df = pl.DataFrame({"timestamp": pl.Series(cols["ts_ns"]).cast(pl.Datetime("ns", "UTC")),
+                       "ready": feats.ready_col})
+    df = df.hstack(pl.DataFrame(np.asarray(rows), schema=list(feats.layout.names), orient="row"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        df.write_csv(out)
+    else:
+        df.write_parquet(out)
+    print(f"wrote {len(df)} rows x {feats.layout.dim} features (layout {feats.layout.hash}) to {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from trader.bench import main as bench_main
+
+    return bench_main(args.data, args.repeat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="trader", description="Hybrid RL + LLM trading daemon.")
+    ap.add_argument("--version", action="version", version=f"trader {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=None, help="TOML config file (default: embedded defaults)")
+
+    p = sub.add_parser("replay", help="replay recorded bars through the full decision path")
+    common(p)
+    p.add_argument("--data", nargs="+", help="CSV/Parquet files (default: the bundled NQ slice)")
+    p.add_argument("--from", dest="date_from", help="first bar time, ISO (exchange time zone if naive)")
+    p.add_argument("--to", dest="date_to", help="end bar time (exclusive), ISO")
+    p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
+    p.add_argument("--report", help="write the report as JSON here (plot next to it as .html)")
+    p.add_argument("--plot", help="write the equity/drawdown plot (HTML) here")
+    p.add_argument("--policy", help="ONNX policy file (default: policy.path)")
+    p.add_argument("--speed", type=float, help="0 = as fast as possible, N = N times real time")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("check-config", help="validate and print the effective configuration")
+    common(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("features", help="write the per-bar observation with named columns")
+    common(p)
+    p.add_argument("--data", nargs="+")
+    p.add_argument("--from", dest="date_from")
+    p.add_argument("--to", dest="date_to")
+    p.add_argument("--out", required=True, help=".parquet or .csv")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("bench", help="replay benchmark: bars/s and decision latency, JSON")
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--repeat", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"trader: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, PolicyError) as exc:
+        print(f"trader: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,168 @@
+"""Risk review: every decision passes here before it can become an order.
+
+Two layers:
+* the guide's veto (``enable_risk_veto``): after ``max_consecutive_losses`` losing trades, when the
+  win rate of the last 10 trades < ``min_win_rate_threshold`` (once ``win_rate_min_trades`` trades
+  exist), or when the room left to the trailing drawdown limit < ``dd_buffer_threshold`` of that
+  limit, the entry-side actions BUY, SELL, ENABLE_TRAIL become HOLD;
+* hard limits, always on: kill switch, daily loss limit, trailing drawdown breached, trading hours
+  (entries only inside the window, flatten at ``flatten_at``), max contracts.
+HOLD, MOVE_TO_BE and DISABLE_TRAIL always pass, and so does an exit: a SELL that only closes a
+long (or a BUY that only covers a short) is never blocked; a vetoed reversal becomes exit-only.
+Pure: the review is a function of its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from trader.config import Settings
+from trader.domain import Action, PortfolioSnapshot, Verdict, Veto
+from trader.features.clock import SessionClock
+from trader.features.observation import MarketContext, load_object
+
+
+@dataclass(slots=True)
+class RiskContext:
+    """What the rules may look at besides the portfolio. Reused by the engine bar after bar."""
+
+    ts_ns: int
+    minute_of_day: int
+    market: Callable[[], MarketContext]
+    halted: bool = False  # operator halt (control API) or stale data
+
+
+class RiskRule(Protocol):
+    """A veto rule: returns a reason to block an entry-side action, or None."""
+
+    name: str
+
+    def check(self, action: Action, snapshot: PortfolioSnapshot, ctx: RiskContext) -> str | None: ...
+
+
+class ConsecutiveLosses:
+    name = "consecutive_losses"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def check(self, action: Action, s: PortfolioSnapshot, ctx: RiskContext) -> str | None:
+        if s.consecutive_losses >= self.limit:
+            return f"{s.consecutive_losses} consecutive losses >= {self.limit}"
+        return None
+
+
+class MinWinRate:
+    name = "min_win_rate"
+
+    def __init__(self, threshold: float, min_trades: int) -> None:
+        self.threshold = threshold
+        self.min_trades = min_trades
+
+    def check(self, action: Action, s: PortfolioSnapshot, ctx: RiskContext) -> str | None:
+        if s.recent_win_rate is not None and s.recent_trades >= self.min_trades \
+                and s.recent_win_rate < self.threshold:
+            return f"win rate {s.recent_win_rate:.2f} of last {s.recent_trades} trades < {self.threshold}"
+        return None
+
+
+class DrawdownBuffer:
+    name = "drawdown_buffer"
+
+    def __init__(self, buffer_fraction: float, limit_usd: float) -> None:
+        self.buffer = buffer_fraction
+        self.limit = limit_usd
+
+    def check(self, action: Action, s: PortfolioSnapshot, ctx: RiskContext) -> str | None:
+        room = s.equity_usd - s.drawdown_threshold_usd
+        if room < self.buffer * self.limit:
+            return f"room to drawdown limit {room:.2f} USD < {self.buffer:.0%} of {self.limit:.0f}"
+        return None
+
+
+class RiskEngine:
+    """Applies the hard limits and the veto rules to a fused action."""
+
+    def __init__(self, settings: Settings, clock: SessionClock, extra_rules: Sequence[RiskRule] = ()) -> None:
+        r = settings.risk
+        self.enable_veto = r.enable_risk_veto
+        self.kill_switch = r.kill_switch
+        self.max_contracts = r.max_contracts
+        self.daily_loss_limit = r.daily_loss_limit_usd
+        self.reverse = settings.execution.reverse_on_opposite
+        self.clock = clock
+        self.guide_rules: list[RiskRule] = [
+            ConsecutiveLosses(r.max_consecutive_losses),
+            MinWinRate(r.min_win_rate_threshold, r.win_rate_min_trades),
+            DrawdownBuffer(r.dd_buffer_threshold, settings.account.trailing_drawdown_usd),
+        ]
+        self.extra_rules = list(extra_rules)
+
+    def review(self, action: Action, s: PortfolioSnapshot, ctx: RiskContext) -> Verdict:
+        pos = s.position
+        # Hard limits that flatten: kill switch, daily loss, trailing drawdown breach, session end.
+        flatten_reason = ""
+        if self.kill_switch:
+            flatten_reason = "kill_switch"
+        elif s.daily_pnl_usd <= -self.daily_loss_limit:
+            flatten_reason = "daily_loss_limit"
+        elif s.equity_usd <= s.drawdown_threshold_usd:
+            flatten_reason = "trailing_drawdown_breached"
+        elif self.clock.past_flatten(ctx.minute_of_day):
+            flatten_reason = "flatten_before_close"
+        if flatten_reason:
+            opens = action != Action.HOLD and _opens_exposure(action, pos, self.reverse)
+            vetoes = (Veto(flatten_reason, "entries blocked"),) if opens else ()
+            return Verdict(Action.HOLD, vetoes, flatten=pos != 0, flatten_reason=flatten_reason)
+
+        if action in (Action.HOLD, Action.MOVE_TO_BE, Action.DISABLE_TRAIL):
+            return Verdict(action)
+        is_exit = (action == Action.SELL and pos > 0) or (action == Action.BUY and pos < 0)
+        if is_exit and not self.reverse:
+            return Verdict(action)  # a pure exit is never blocked
+
+        vetoes: list[Veto] = []
+        if ctx.halted:
+            vetoes.append(Veto("halted", "trading halted"))
+        if not self.clock.in_entry_window(ctx.minute_of_day) and action != Action.ENABLE_TRAIL:
+            vetoes.append(Veto("trading_hours", f"minute {ctx.minute_of_day} outside the entry window"))
+        if (action == Action.BUY and pos >= self.max_contracts) or (action == Action.SELL and -pos >= self.max_contracts):
+            vetoes.append(Veto("max_contracts", f"position {pos} at max {self.max_contracts}"))
+        if self.enable_veto:
+            for rule in self.guide_rules:
+                why = rule.check(action, s, ctx)
+                if why:
+                    vetoes.append(Veto(rule.name, why))
+        for rule in self.extra_rules:
+            why = rule.check(action, s, ctx)
+            if why:
+                vetoes.append(Veto(rule.name, why))
+        if not vetoes:
+            return Verdict(action)
+        if is_exit:  # a vetoed reversal still closes the position
+            return Verdict(action, tuple(vetoes), reduce_only=True)
+        return Verdict(Action.HOLD, tuple(vetoes))
+
+
+def _opens_exposure(action: Action, pos: int, reverse: bool) -> bool:
+    if action == Action.ENABLE_TRAIL:
+        return True
+    if action == Action.BUY:
+        return pos >= 0 or reverse
+    if action == Action.SELL:
+        return pos <= 0 or reverse
+    return False
+
+
+def load_rules(paths: Sequence[str], options: dict[str, dict[str, Any]], settings: Settings) -> list[RiskRule]:
+    """Risk rule plug-ins by dotted path, each called with (settings, **options[path])."""
+    rules = []
+    for p in paths:
+        factory = load_object(p)
+        rule = factory(settings, **options.get(p, {}))  # type: ignore[operator]
+        if not callable(getattr(rule, "check", None)) or not isinstance(getattr(rule, "name", None), str):
+            raise ValueError(f"risk.rules: {p!r} does not provide name and check()")
+        rules.append(rule)
+    return rules

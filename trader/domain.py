@@ -1,0 +1,197 @@
+"""Domain values shared by every component: frozen, slotted, typed.
+
+Prices are floats that are always on the instrument's tick grid (see :class:`TickGrid`);
+money is USD; times are UTC epoch nanoseconds (``ts_ns``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class Action(enum.IntEnum):
+    """The six actions, in the fixed order shared by policy, LLM grammar and journal."""
+
+    HOLD = 0
+    BUY = 1
+    SELL = 2
+    MOVE_TO_BE = 3
+    ENABLE_TRAIL = 4
+    DISABLE_TRAIL = 5
+
+
+N_ACTIONS = len(Action)
+ACTION_NAMES: tuple[str, ...] = tuple(a.name for a in Action)
+ENTRY_SIDE_ACTIONS = frozenset({Action.BUY, Action.SELL, Action.ENABLE_TRAIL})
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    """One OHLCV bar. ``ts_ns`` is the bar's open time (UTC ns); the bar covers [ts, ts + interval)."""
+
+    ts_ns: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+
+
+@dataclass(frozen=True, slots=True)
+class TickGrid:
+    """Rounds prices to the instrument's tick grid. All prices the engine emits pass through here."""
+
+    tick_size: float
+
+    def ticks(self, price: float) -> int:
+        return round(price / self.tick_size)
+
+    def price(self, ticks: int) -> float:
+        return ticks * self.tick_size
+
+    def round(self, price: float) -> float:
+        return round(price / self.tick_size) * self.tick_size
+
+    def round_down(self, price: float) -> float:
+        # A tiny epsilon keeps 15999.999999 from dropping a whole tick.
+        return math.floor(price / self.tick_size + 1e-9) * self.tick_size
+
+    def round_up(self, price: float) -> float:
+        return math.ceil(price / self.tick_size - 1e-9) * self.tick_size
+
+
+@dataclass(frozen=True, slots=True)
+class Advice:
+    """One LLM answer. ``confidence`` is what fusion uses; it decays with ``age_bars``."""
+
+    action: Action
+    confidence: float
+    reason: str
+    asked_bar: int
+    age_bars: int = 0
+    stated_confidence: float | None = None
+    logit_confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Fusion's output: the chosen action, how it was chosen and why."""
+
+    action: Action
+    method: str
+    rl_action: Action
+    rl_confidence: float
+    llm_action: Action | None
+    llm_confidence: float | None
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Veto:
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Risk's output. ``reduce_only`` turns SELL/BUY into an exit without a new entry."""
+
+    action: Action
+    vetoes: tuple[Veto, ...] = ()
+    reduce_only: bool = False
+    flatten: bool = False
+    flatten_reason: str = ""
+
+
+class OrderKind(enum.Enum):
+    MARKET = "market"
+    STOP = "stop"
+
+
+class Side(enum.IntEnum):
+    BUY = 1
+    SELL = -1
+
+
+@dataclass(frozen=True, slots=True)
+class OrderIntent:
+    """What execution asks the broker to do. ``purpose`` says why (entry, exit, flatten, reverse)."""
+
+    client_id: str
+    side: Side
+    qty: int
+    kind: OrderKind
+    purpose: str
+    stop_ticks: int = 0  # > 0: a protective stop this many ticks from the fill (bracket)
+
+
+@dataclass(frozen=True, slots=True)
+class StopUpdate:
+    """Move (or place) the protective stop of the open position."""
+
+    stop_price: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrailUpdate:
+    enabled: bool
+    distance_ticks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    client_id: str
+    ts_ns: int
+    side: Side
+    qty: int
+    price: float
+    commission_usd: float
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """A closed round trip (or the closed part of one)."""
+
+    entry_ts_ns: int
+    exit_ts_ns: int
+    side: Side
+    qty: int
+    entry_price: float
+    exit_price: float
+    pnl_usd: float  # net of commissions of both sides
+    exit_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PortfolioSnapshot:
+    """Position and account state the decision path reads on each bar."""
+
+    position: int  # signed contracts
+    avg_entry: float
+    stop_price: float | None
+    trailing: bool
+    at_break_even: bool
+    bars_in_trade: int
+    unrealized_usd: float
+    balance_usd: float
+    equity_usd: float
+    peak_equity_usd: float
+    drawdown_threshold_usd: float
+    daily_pnl_usd: float
+    consecutive_losses: int
+    recent_win_rate: float | None
+    recent_trades: int
+    mae_usd: float
+    mfe_usd: float
+
+
+@dataclass(slots=True)
+class Counters:
+    """Mutable run counters (only the engine writes them)."""
+
+    bars: int = 0
+    bars_rejected: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,299 @@
+"""The engine: one bar in ─▶ validated, featurised, decided, risk-reviewed, executed, journaled.
+
+The same code serves replay, paper and live; only the feed, broker and feature source differ,
+and :func:`build_replay` wires them for replay in one place. The hot path never waits on the
+disk (the journal writes in its own thread) or the LLM (advice is read from a cache).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from trader.config import Settings
+from trader.decision.fusion import FusionStrategy, build_fusion
+from trader.decision.mask import HOLD_ONLY, ActionMasker
+from trader.decision.risk import RiskContext, RiskEngine, load_rules
+from trader.domain import ACTION_NAMES, Action, Advice, Bar, Decision, Fill, N_ACTIONS, Trade
+from trader.execution.brokers.base import Broker
+from trader.execution.brokers.paper import PaperBroker
+from trader.execution.planner import ExecutionPlanner, Plan
+from trader.execution.portfolio import Portfolio
+from trader.features.observation import AccountFeatures, BulkFeatures, FeatureSource, load_feature_blocks
+from trader.features.validation import BarValidator
+from trader.feeds.replay import RecordedBars, ReplayFeed, load_bars
+from trader.journal import Journal
+from trader.policy import OnnxPolicy
+
+log = structlog.get_logger(__name__)
+
+ACTIONS = tuple(Action)
+_WARMUP_PROBS = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+_WARMUP = Decision(Action.HOLD, "warmup", Action.HOLD, 1.0, None, None, ("warmup",))
+
+
+class Feed(Protocol):
+    def events(self) -> AsyncIterator[tuple[Bar | None, int]]: ...
+
+
+class AdviceSource(Protocol):
+    """The LLM advisor as the bar path sees it: a non-blocking read of the latest advice."""
+
+    def latest(self, bar_index: int, ts_ns: int) -> Advice | None: ...
+
+
+@dataclass(slots=True)
+class RunStats:
+    bars: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    actions: list[int] = field(default_factory=lambda: [0] * N_ACTIONS)
+    vetoes: dict[str, int] = field(default_factory=dict)
+    fusion_methods: dict[str, int] = field(default_factory=dict)
+    latencies_ns: list[int] = field(default_factory=list)
+    ts_ns: list[int] = field(default_factory=list)
+    equity: list[float] = field(default_factory=list)
+    position: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+    status: str = "running"
+
+
+class Engine:
+    def __init__(self, settings: Settings, *, feed: Feed, broker: Broker, policy: OnnxPolicy,
+                 features: FeatureSource, journal: Journal, run_id: str,
+                 fusion: FusionStrategy | None = None, risk: RiskEngine | None = None,
+                 advisor: AdviceSource | None = None, origin: Callable[[int], str] | None = None) -> None:
+        self.settings = settings
+        self.feed, self.broker, self.policy, self.features, self.journal = feed, broker, policy, features, journal
+        self.run_id = run_id
+        self.clock = features.clock  # type: ignore[attr-defined]
+        self.portfolio = Portfolio(settings)
+        self.masker = ActionMasker(settings)
+        self.account_features = AccountFeatures(settings, features.layout)
+        self.fusion = fusion or build_fusion(settings.fusion, settings.fusion.strategy_options)
+        self.risk = risk or RiskEngine(settings, self.clock)
+        self.planner = ExecutionPlanner(settings, run_id)
+        self.advisor = advisor
+        self.validator = BarValidator()
+        self.origin = origin or (lambda i: f"row {i}")
+        self.warmup = settings.features.warmup_bars
+        self.ctx = RiskContext(0, 0, features.context)
+        self.stats = RunStats()
+        self.bar_index = 0
+        self._fill_seq = 0
+        self._trade_seq = 0
+        self._reject_seq = 0
+        self._stop_requested = False
+        self.progress: Callable[[int], None] | None = None
+
+    def request_stop(self) -> None:
+        """Stop after the current bar (signal handlers call this)."""
+        self._stop_requested = True
+
+    async def run(self) -> RunStats:
+        stats = self.stats
+        t0 = time.perf_counter()
+        await self.broker.start()
+        try:
+            async for bar, row in self.feed.events():
+                if bar is None:
+                    self._reject(None, row, "bad_timestamp")
+                else:
+                    await self.on_bar(bar, row)
+                if self.progress is not None and (stats.bars & 1023) == 0:
+                    self.progress(stats.bars)
+                if self._stop_requested:
+                    stats.status = "stopped"
+                    break
+            else:
+                stats.status = "completed"
+        except BaseException:
+            stats.status = "failed"
+            raise
+        finally:
+            stats.wall_s = time.perf_counter() - t0
+            await self.broker.stop()
+            self._journal_account(stats.ts_ns[-1] if stats.ts_ns else 0, "run_end")
+        return stats
+
+    def _reject(self, bar: Bar | None, row: int, reason: str) -> None:
+        rej = self.stats.rejected
+        rej[reason] = rej.get(reason, 0) + 1
+        self._reject_seq += 1
+        origin = self.origin(row)
+        if bar is None:
+            self.journal.record("bars_rejected", (self.run_id, self._reject_seq, None, origin, reason,
+                                                  None, None, None, None, None))
+        else:
+            self.journal.record("bars_rejected", (self.run_id, self._reject_seq, bar.ts_ns, origin, reason,
+                                                  _num(bar.open), _num(bar.high), _num(bar.low), _num(bar.close),
+                                                  _num(bar.volume)))
+        log.warning("bar_rejected", reason=reason, origin=origin)
+
+    async def on_bar(self, bar: Bar, row: int = -1) -> None:
+        reason = self.validator.check(bar)
+        if reason is not None:
+            self._reject(bar, row, reason)
+            return
+        t0 = time.perf_counter_ns()
+        i = self.bar_index
+        self.bar_index = i + 1
+        ts = bar.ts_ns
+        clock, pf, broker, stats = self.clock, self.portfolio, self.broker, self.stats
+        broker.on_bar(bar)
+        fills = broker.drain_fills()
+        if fills:
+            self._apply_fills(fills)
+        pf.mark_bar(bar, clock.session_id(ts))
+        obs = self.features.update(bar)
+        snap = pf.snapshot()
+        close = bar.close
+        atr = self.features.atr
+        self.account_features.fill(obs, snap, close, atr, pf.daily_trades)
+        ready = self.features.ready and i >= self.warmup
+        if ready:
+            mask = self.masker.mask(snap, close)
+            a, conf, probs = self.policy.act(obs, mask)
+            advice = self.advisor.latest(i, ts) if self.advisor is not None else None
+            decision = self.fusion.fuse(ACTIONS[a], conf, advice, mask, self.features.context)
+        else:
+            probs = _WARMUP_PROBS
+            advice = None
+            decision = _WARMUP
+        ctx = self.ctx
+        ctx.ts_ns = ts
+        ctx.minute_of_day = clock.minute_of_day(ts)
+        verdict = self.risk.review(decision.action, snap, ctx)
+        plan = self.planner.plan(verdict, snap, atr, i)
+        if plan is not None:
+            await self._execute(plan, ts, i)
+        if pf.trailing:
+            new_stop = self.planner.trail(pf.position, pf.stop_price, pf.trail_ticks, close)
+            if new_stop is not None:
+                await broker.set_stop(new_stop)
+                pf.set_stop(new_stop)
+        latency = time.perf_counter_ns() - t0
+        final = verdict.action
+        vetoes = verdict.vetoes
+        stats.bars += 1
+        stats.actions[final] += 1
+        m = decision.method
+        stats.fusion_methods[m] = stats.fusion_methods.get(m, 0) + 1
+        vtxt = None
+        if vetoes:
+            for v in vetoes:
+                stats.vetoes[v.rule] = stats.vetoes.get(v.rule, 0) + 1
+            vtxt = ";".join(f"{v.rule}:{v.reason}" for v in vetoes)
+            if self.settings.logging.log_risk_veto:
+                log.info("risk_veto", bar=i, action=ACTION_NAMES[decision.action], vetoes=vtxt)
+        stats.latencies_ns.append(latency)
+        stats.ts_ns.append(ts)
+        equity = pf.balance_usd + pf.unrealized_usd
+        stats.equity.append(equity)
+        stats.position.append(pf.position)
+        la = decision.llm_action
+        self.journal.record("decisions", (
+            self.run_id, i, ts, close, probs[0], probs[1], probs[2], probs[3], probs[4], probs[5],
+            int(decision.rl_action), decision.rl_confidence,
+            None if la is None else int(la), decision.llm_confidence,
+            None if advice is None else advice.age_bars, m, ";".join(decision.reasons),
+            int(decision.action), int(final), vtxt, verdict.flatten_reason or None, pf.position,
+            pf.balance_usd, equity, pf.threshold_usd, latency / 1000.0,
+        ))
+
+    async def _execute(self, plan: Plan, ts: int, i: int) -> None:
+        pf, broker = self.portfolio, self.broker
+        for o in plan.orders:
+            self.journal.record("orders", (self.run_id, o.client_id, i, ts, int(o.side), o.qty, o.kind.value,
+                                           o.purpose, o.stop_ticks))
+            await broker.submit(o)
+        if plan.move_stop is not None:
+            await broker.set_stop(plan.move_stop)
+            pf.set_stop(plan.move_stop)
+        if plan.break_even:
+            pf.set_break_even()
+        if plan.trailing is not None:
+            pf.set_trailing(plan.trailing, plan.trail_ticks)
+
+    def _apply_fills(self, fills: list[Fill]) -> None:
+        pf = self.portfolio
+        for f in fills:
+            self._fill_seq += 1
+            self.journal.record("fills", (self.run_id, self._fill_seq, f.client_id, f.ts_ns, int(f.side), f.qty,
+                                          f.price, f.commission_usd, f.purpose))
+            for t in pf.apply_fill(f):
+                self._journal_trade(t)
+            pf.set_stop(self.broker.working_stop if pf.position else None)
+            self._journal_account(f.ts_ns, f"fill:{f.purpose}")
+
+    def _journal_trade(self, t: Trade) -> None:
+        self._trade_seq += 1
+        self.journal.record("trades", (self.run_id, self._trade_seq, t.entry_ts_ns, t.exit_ts_ns, int(t.side), t.qty,
+                                       t.entry_price, t.exit_price, t.pnl_usd, t.exit_reason))
+
+    def _journal_account(self, ts: int, reason: str) -> None:
+        pf = self.portfolio
+        s = pf.snapshot()
+        self.journal.record("account", (self.run_id, ts, s.position, s.avg_entry, s.stop_price, s.balance_usd,
+                                        s.equity_usd, s.peak_equity_usd, s.drawdown_threshold_usd, s.daily_pnl_usd,
+                                        s.consecutive_losses, reason))
+
+
+def _num(x: float) -> float | None:
+    return x if x == x and abs(x) != float("inf") else None
+
+
+@dataclass
+class ReplayRun:
+    engine: Engine
+    journal: Journal
+    recorded: RecordedBars
+    run_id: str
+
+
+def build_replay(settings: Settings, journal_path: str | Path | None = None,
+                 data_paths: list[Path] | None = None) -> ReplayRun:
+    """Wire a replay from config: data ─▶ bulk features, paper broker, ONNX policy, journal."""
+    recorded = load_bars(settings.data, data_paths)
+    blocks = load_feature_blocks(settings.features.custom_blocks)
+    accepted = _accepted_rows(recorded)
+    cols = {k: getattr(recorded, k)[accepted] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
+    features = BulkFeatures(settings, cols, blocks)
+    policy = OnnxPolicy(settings.policy.path, features.layout, settings.policy.provider,
+                        settings.policy.intra_op_threads)
+    run_id = uuid.uuid4().hex
+    journal = Journal(journal_path or settings.journal.path, settings.journal.batch_size,
+                      settings.journal.flush_interval_ms)
+    journal.start_run(run_id, "replay", settings.model_dump_json(), str(settings.policy.path),
+                      features.layout.hash, recorded.files)
+    rules = load_rules(settings.risk.rules, settings.risk.rule_options, settings)
+    engine = Engine(settings, feed=ReplayFeed(recorded, settings.data.speed), broker=PaperBroker(settings),
+                    policy=policy, features=features, journal=journal, run_id=run_id,
+                    risk=RiskEngine(settings, features.clock, rules), origin=recorded.origin)
+    structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode="replay")
+    log.info("replay_ready", bars=len(recorded), accepted=int(accepted.sum()), files=list(recorded.files),
+             layout_hash=features.layout.hash, policy=str(settings.policy.path))
+    return ReplayRun(engine, journal, recorded, run_id)
+
+
+def _accepted_rows(rb: RecordedBars) -> np.ndarray:
+    """The rows the engine's validator will accept (same validator, same order)."""
+    v = BarValidator()
+    ok = np.zeros(len(rb), dtype=bool)
+    ts, o, h, lo, c, vol = (rb.ts_ns.tolist(), rb.open.tolist(), rb.high.tolist(), rb.low.tolist(),
+                            rb.close.tolist(), rb.volume.tolist())
+    for i in range(len(ts)):
+        if ts[i] >= 0:
+            ok[i] = v.check(Bar(ts[i], o[i], h[i], lo[i], c[i], vol[i])) is None
+    return ok
+
+
+def config_json(settings: Settings) -> str:
+    return json.dumps(settings.model_dump(mode="json"), sort_keys=True)

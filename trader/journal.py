@@ -1,0 +1,217 @@
+"""The journal: an append-only SQLite (WAL) record of every run, bar decision, order and fill.
+
+Writes never happen on the bar path: rows go into a queue and a dedicated writer thread
+inserts them in batches (``batch_size`` rows or every ``flush_interval_ms``, and at once for
+orders and fills). ``close()`` (also on Ctrl-C) drains the queue and commits, so nothing queued
+is lost on a clean stop. Schema (all tables carry ``run_id``):
+
+runs            one row per run: mode, config (JSON), policy, layout hash, data files, status, counts
+bars_rejected   a rejected bar: where it came from, why, its raw values
+decisions       one row per accepted bar: RL probabilities (p_*), RL and LLM choice and confidence,
+                advice age, fusion method and reasons, vetoes, final action, account state, latency
+orders          every order intent sent to the broker, with its deterministic client id
+fills           every fill: price, quantity, commission, purpose
+trades          closed round trips with net P&L
+account         account snapshots (after each fill and at the end of the run)
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT, mode TEXT NOT NULL,
+    status TEXT NOT NULL, config_json TEXT NOT NULL, policy_path TEXT, layout_hash TEXT,
+    data_files TEXT, bars INTEGER, bars_rejected INTEGER, report_json TEXT
+);
+CREATE TABLE IF NOT EXISTS bars_rejected (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, ts_ns INTEGER, origin TEXT, reason TEXT NOT NULL,
+    open REAL, high REAL, low REAL, close REAL, volume REAL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    run_id TEXT NOT NULL, bar_index INTEGER NOT NULL, ts_ns INTEGER NOT NULL, close REAL NOT NULL,
+    p_hold REAL, p_buy REAL, p_sell REAL, p_move_to_be REAL, p_enable_trail REAL, p_disable_trail REAL,
+    rl_action INTEGER, rl_conf REAL, llm_action INTEGER, llm_conf REAL, llm_age_bars INTEGER,
+    method TEXT NOT NULL, reasons TEXT, fused_action INTEGER NOT NULL, final_action INTEGER NOT NULL,
+    vetoes TEXT, flatten_reason TEXT, position INTEGER NOT NULL, balance_usd REAL NOT NULL,
+    equity_usd REAL NOT NULL, threshold_usd REAL NOT NULL, latency_us REAL,
+    PRIMARY KEY (run_id, bar_index)
+);
+CREATE TABLE IF NOT EXISTS orders (
+    run_id TEXT NOT NULL, client_id TEXT NOT NULL, bar_index INTEGER, ts_ns INTEGER, side INTEGER,
+    qty INTEGER, kind TEXT, purpose TEXT, stop_ticks INTEGER, PRIMARY KEY (run_id, client_id)
+);
+CREATE TABLE IF NOT EXISTS fills (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, client_id TEXT, ts_ns INTEGER, side INTEGER, qty INTEGER,
+    price REAL, commission_usd REAL, purpose TEXT, PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE IF NOT EXISTS trades (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, entry_ts_ns INTEGER, exit_ts_ns INTEGER, side INTEGER,
+    qty INTEGER, entry_price REAL, exit_price REAL, pnl_usd REAL, exit_reason TEXT,
+    PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE IF NOT EXISTS account (
+    run_id TEXT NOT NULL, ts_ns INTEGER, position INTEGER, avg_entry REAL, stop_price REAL,
+    balance_usd REAL, equity_usd REAL, peak_equity_usd REAL, threshold_usd REAL, daily_pnl_usd REAL,
+    consecutive_losses INTEGER, reason TEXT
+);
+"""
+
+_INSERTS = {
+    "bars_rejected": 10,
+    "decisions": 26,
+    "orders": 9,
+    "fills": 9,
+    "trades": 10,
+    "account": 12,
+}
+_URGENT = frozenset({"orders", "fills", "trades", "account"})
+_STOP = object()
+
+# Columns that must be identical between two replays of the same inputs (determinism check).
+DECISION_COLUMNS = (
+    "bar_index, ts_ns, close, p_hold, p_buy, p_sell, p_move_to_be, p_enable_trail, p_disable_trail, "
+    "rl_action, rl_conf, llm_action, llm_conf, llm_age_bars, method, reasons, fused_action, final_action, "
+    "vetoes, flatten_reason, position, balance_usd, equity_usd, threshold_usd"
+)
+
+
+class JournalError(RuntimeError):
+    pass
+
+
+class Journal:
+    """Batched, threaded SQLite writer. ``record(table, row)`` is cheap and never blocks on disk."""
+
+    def __init__(self, path: str | Path, batch_size: int = 512, flush_interval_ms: int = 200) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval_ms / 1000.0
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        con = self._connect()
+        con.executescript(SCHEMA)
+        con.commit()
+        con.close()
+        self._thread = threading.Thread(target=self._writer, name="journal-writer", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("PRAGMA busy_timeout=5000")
+        return con
+
+    # -- API used by the engine ----------------------------------------------------------------
+    def start_run(self, run_id: str, mode: str, config_json: str, policy_path: str, layout_hash: str,
+                  data_files: Sequence[str]) -> None:
+        con = self._connect()
+        with con:
+            con.execute(
+                "INSERT INTO runs (run_id, started_at, mode, status, config_json, policy_path, layout_hash, "
+                "data_files) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                (run_id, _now(), mode, config_json, policy_path, layout_hash, json.dumps(list(data_files))),
+            )
+        con.close()
+
+    def record(self, table: str, row: tuple[Any, ...]) -> None:
+        if self._error is not None:
+            raise JournalError(f"journal writer failed: {self._error}") from self._error
+        self._q.put((table, row))
+
+    def finish_run(self, run_id: str, status: str, bars: int, bars_rejected: int, report: dict[str, Any]) -> None:
+        self.flush()
+        con = self._connect()
+        with con:
+            con.execute(
+                "UPDATE runs SET finished_at=?, status=?, bars=?, bars_rejected=?, report_json=? WHERE run_id=?",
+                (_now(), status, bars, bars_rejected, json.dumps(report, default=str), run_id),
+            )
+        con.close()
+
+    def flush(self) -> None:
+        """Block until everything queued so far is committed."""
+        done = threading.Event()
+        self._q.put(("__flush__", done))
+        if not done.wait(timeout=60):
+            raise JournalError("journal flush timed out after 60 s")
+        if self._error is not None:
+            raise JournalError(f"journal writer failed: {self._error}") from self._error
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(_STOP)
+        self._thread.join(timeout=60)
+        if self._error is not None:
+            raise JournalError(f"journal writer failed: {self._error}") from self._error
+
+    # -- writer thread -------------------------------------------------------------------------
+    def _writer(self) -> None:
+        con = self._connect()
+        sql = {t: f"INSERT INTO {t} VALUES ({', '.join('?' * n)})" for t, n in _INSERTS.items()}
+        pending: dict[str, list[tuple[Any, ...]]] = {t: [] for t in _INSERTS}
+        count = 0
+        deadline = time.monotonic() + self.flush_interval
+
+        def commit() -> None:
+            nonlocal count
+            if count:
+                con.execute("BEGIN")
+                for t, rows in pending.items():
+                    if rows:
+                        con.executemany(sql[t], rows)
+                        rows.clear()
+                con.execute("COMMIT")
+                count = 0
+
+        try:
+            while True:
+                timeout = max(0.0, deadline - time.monotonic())
+                try:
+                    item = self._q.get(timeout=timeout)
+                except queue.Empty:
+                    commit()
+                    deadline = time.monotonic() + self.flush_interval
+                    continue
+                if item is _STOP:
+                    commit()
+                    break
+                table, row = item
+                if table == "__flush__":
+                    commit()
+                    row.set()
+                    continue
+                pending[table].append(row)
+                count += 1
+                if count >= self.batch_size or table in _URGENT:
+                    commit()
+                    deadline = time.monotonic() + self.flush_interval
+        except BaseException as exc:  # surfaced to the engine on its next record()
+            self._error = exc
+            # release anyone waiting on a flush
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple) and item[0] == "__flush__":
+                    item[1].set()
+        finally:
+            con.close()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
