@@ -19,7 +19,9 @@ import numpy as np
 
 from trader.config import load_settings
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "NQ_1min_2023-11-19_2023-12-04.csv"
+SHARED = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "NQ_1min_2023-11-19_2023-12-04.csv"
+)
 
 
 def _one(data: Path) -> dict[str, float]:
@@ -63,8 +65,11 @@ def main(data: Path | None = None, repeat: int = 3) -> int:
         "bars_per_second": round(best["bars_per_second"], 1),
         "bars_per_second_incl_setup": round(best["bars_per_second_incl_setup"], 1),
         "setup_s": round(best["setup_s"], 3),
-        "decision_latency_us": {"p50": round(best["p50_us"], 1), "p99": round(best["p99_us"], 1),
-                                "max": round(best["max_us"], 1)},
+        "decision_latency_us": {
+            "p50": round(best["p50_us"], 1),
+            "p99": round(best["p99_us"], 1),
+            "max": round(best["max_us"], 1),
+        },
         "all_runs_bars_per_second": [round(r["bars_per_second"], 1) for r in runs],
     }
     print(json.dumps(out, indent=2))

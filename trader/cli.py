@@ -99,8 +99,13 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         progress.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        report = build_report(engine.stats, engine.portfolio.trades, settings.account.starting_balance_usd,
-                              engine.clock, {"run_id": run.run_id, "journal": str(journal.path)})
+        report = build_report(
+            engine.stats,
+            engine.portfolio.trades,
+            settings.account.starting_balance_usd,
+            engine.clock,
+            {"run_id": run.run_id, "journal": str(journal.path)},
+        )
         try:
             journal.finish_run(run.run_id, status, engine.stats.bars, report["bars_rejected"], report)
         finally:
@@ -108,11 +113,18 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.report:
         write_json(report, args.report)
-    plot = args.plot or (Path(args.report).with_suffix(".html") if args.report else
-                         journal.path.parent / f"equity-{run.run_id[:8]}.html")
-    write_plot_html(engine.stats, settings.account.starting_balance_usd, plot, f"trader replay {run.run_id[:8]}")
-    print(f"\njournal: {journal.path}  run: {run.run_id}  plot: {plot}" + (f"  report: {args.report}" if args.report
-                                                                             else ""))
+    plot = args.plot or (
+        Path(args.report).with_suffix(".html")
+        if args.report
+        else journal.path.parent / f"equity-{run.run_id[:8]}.html"
+    )
+    write_plot_html(
+        engine.stats, settings.account.starting_balance_usd, plot, f"trader replay {run.run_id[:8]}"
+    )
+    print(
+        f"\njournal: {journal.path}  run: {run.run_id}  plot: {plot}"
+        + (f"  report: {args.report}" if args.report else "")
+    )
     return 0 if status in ("completed", "stopped") else 1
 
 
@@ -150,8 +162,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     rows = feats.rows
     for i in range(len(rows)):
         acct.fill(rows[i], snap, float(cols["close"][i]), float(feats.atr_col[i]), 0)
-    df = pl.DataFrame({"timestamp": pl.Series(cols["ts_ns"]).cast(pl.Datetime("ns", "UTC")),
-                       "ready": feats.ready_col})
+    df = pl.DataFrame(
+        {"timestamp": pl.Series(cols["ts_ns"]).cast(pl.Datetime("ns", "UTC")), "ready": feats.ready_col}
+    )
     df = df.hstack(pl.DataFrame(np.asarray(rows), schema=list(feats.layout.names), orient="row"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, default=None, help="TOML config file (default: embedded defaults)")
+        p.add_argument(
+            "--config", type=Path, default=None, help="TOML config file (default: embedded defaults)"
+        )
 
     p = sub.add_parser("replay", help="replay recorded bars through the full decision path")
     common(p)

@@ -210,7 +210,8 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 DEFAULT_CONTEXT_TEMPLATE = (
     "Time {current_time} ET ({session_time}). {market_name} last {current_price:.2f}.\n"
-    "ADX {adx:.1f} ({trend_strength}), RSI {rsi:.1f}, MACD {macd:.2f}, VWAP distance {vwap_distance:+.2f} ATR, "
+    "ADX {adx:.1f} ({trend_strength}), RSI {rsi:.1f}, MACD {macd:.2f}, "
+    "VWAP distance {vwap_distance:+.2f} ATR, "
     "momentum {momentum:+.2f}%, volatility {vol_regime}.\n"
     "Support {support:.2f}, resistance {resistance:.2f}.\n"
     "Position {position_status}, entry {entry_price}, unrealized {unrealized_pnl:+.2f} USD.\n"
@@ -310,9 +311,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_settings(
-    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
-) -> Settings:
+def load_settings(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Load and validate: defaults, then the TOML file, then TRADER_* env, then CLI overrides.
 
     Relative paths in the file resolve against the file's directory.
@@ -366,7 +365,8 @@ def _cross_checks(s: Settings) -> None:
         )
     if s.execution.order_qty > s.risk.max_contracts:
         problems.append(
-            f"execution.order_qty: {s.execution.order_qty} exceeds risk.max_contracts ({s.risk.max_contracts})"
+            f"execution.order_qty: {s.execution.order_qty} exceeds "
+            f"risk.max_contracts ({s.risk.max_contracts})"
         )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

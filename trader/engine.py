@@ -20,9 +20,9 @@ import structlog
 
 from trader.config import Settings
 from trader.decision.fusion import FusionStrategy, build_fusion
-from trader.decision.mask import HOLD_ONLY, ActionMasker
+from trader.decision.mask import ActionMasker
 from trader.decision.risk import RiskContext, RiskEngine, load_rules
-from trader.domain import ACTION_NAMES, Action, Advice, Bar, Decision, Fill, N_ACTIONS, Trade
+from trader.domain import ACTION_NAMES, N_ACTIONS, Action, Advice, Bar, Decision, Fill, Trade
 from trader.execution.brokers.base import Broker
 from trader.execution.brokers.paper import PaperBroker
 from trader.execution.planner import ExecutionPlanner, Plan
@@ -66,12 +66,29 @@ class RunStats:
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, feed: Feed, broker: Broker, policy: OnnxPolicy,
-                 features: FeatureSource, journal: Journal, run_id: str,
-                 fusion: FusionStrategy | None = None, risk: RiskEngine | None = None,
-                 advisor: AdviceSource | None = None, origin: Callable[[int], str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        feed: Feed,
+        broker: Broker,
+        policy: OnnxPolicy,
+        features: FeatureSource,
+        journal: Journal,
+        run_id: str,
+        fusion: FusionStrategy | None = None,
+        risk: RiskEngine | None = None,
+        advisor: AdviceSource | None = None,
+        origin: Callable[[int], str] | None = None,
+    ) -> None:
         self.settings = settings
-        self.feed, self.broker, self.policy, self.features, self.journal = feed, broker, policy, features, journal
+        self.feed, self.broker, self.policy, self.features, self.journal = (
+            feed,
+            broker,
+            policy,
+            features,
+            journal,
+        )
         self.run_id = run_id
         self.clock = features.clock  # type: ignore[attr-defined]
         self.portfolio = Portfolio(settings)
@@ -129,12 +146,26 @@ class Engine:
         self._reject_seq += 1
         origin = self.origin(row)
         if bar is None:
-            self.journal.record("bars_rejected", (self.run_id, self._reject_seq, None, origin, reason,
-                                                  None, None, None, None, None))
+            self.journal.record(
+                "bars_rejected",
+                (self.run_id, self._reject_seq, None, origin, reason, None, None, None, None, None),
+            )
         else:
-            self.journal.record("bars_rejected", (self.run_id, self._reject_seq, bar.ts_ns, origin, reason,
-                                                  _num(bar.open), _num(bar.high), _num(bar.low), _num(bar.close),
-                                                  _num(bar.volume)))
+            self.journal.record(
+                "bars_rejected",
+                (
+                    self.run_id,
+                    self._reject_seq,
+                    bar.ts_ns,
+                    origin,
+                    reason,
+                    _num(bar.open),
+                    _num(bar.high),
+                    _num(bar.low),
+                    _num(bar.close),
+                    _num(bar.volume),
+                ),
+            )
         log.warning("bar_rejected", reason=reason, origin=origin)
 
     async def on_bar(self, bar: Bar, row: int = -1) -> None:
@@ -199,20 +230,45 @@ class Engine:
         stats.equity.append(equity)
         stats.position.append(pf.position)
         la = decision.llm_action
-        self.journal.record("decisions", (
-            self.run_id, i, ts, close, probs[0], probs[1], probs[2], probs[3], probs[4], probs[5],
-            int(decision.rl_action), decision.rl_confidence,
-            None if la is None else int(la), decision.llm_confidence,
-            None if advice is None else advice.age_bars, m, ";".join(decision.reasons),
-            int(decision.action), int(final), vtxt, verdict.flatten_reason or None, pf.position,
-            pf.balance_usd, equity, pf.threshold_usd, latency / 1000.0,
-        ))
+        self.journal.record(
+            "decisions",
+            (
+                self.run_id,
+                i,
+                ts,
+                close,
+                probs[0],
+                probs[1],
+                probs[2],
+                probs[3],
+                probs[4],
+                probs[5],
+                int(decision.rl_action),
+                decision.rl_confidence,
+                None if la is None else int(la),
+                decision.llm_confidence,
+                None if advice is None else advice.age_bars,
+                m,
+                ";".join(decision.reasons),
+                int(decision.action),
+                int(final),
+                vtxt,
+                verdict.flatten_reason or None,
+                pf.position,
+                pf.balance_usd,
+                equity,
+                pf.threshold_usd,
+                latency / 1000.0,
+            ),
+        )
 
     async def _execute(self, plan: Plan, ts: int, i: int) -> None:
         pf, broker = self.portfolio, self.broker
         for o in plan.orders:
-            self.journal.record("orders", (self.run_id, o.client_id, i, ts, int(o.side), o.qty, o.kind.value,
-                                           o.purpose, o.stop_ticks))
+            self.journal.record(
+                "orders",
+                (self.run_id, o.client_id, i, ts, int(o.side), o.qty, o.kind.value, o.purpose, o.stop_ticks),
+            )
             await broker.submit(o)
         if plan.move_stop is not None:
             await broker.set_stop(plan.move_stop)
@@ -226,8 +282,20 @@ class Engine:
         pf = self.portfolio
         for f in fills:
             self._fill_seq += 1
-            self.journal.record("fills", (self.run_id, self._fill_seq, f.client_id, f.ts_ns, int(f.side), f.qty,
-                                          f.price, f.commission_usd, f.purpose))
+            self.journal.record(
+                "fills",
+                (
+                    self.run_id,
+                    self._fill_seq,
+                    f.client_id,
+                    f.ts_ns,
+                    int(f.side),
+                    f.qty,
+                    f.price,
+                    f.commission_usd,
+                    f.purpose,
+                ),
+            )
             for t in pf.apply_fill(f):
                 self._journal_trade(t)
             pf.set_stop(self.broker.working_stop if pf.position else None)
@@ -235,15 +303,42 @@ class Engine:
 
     def _journal_trade(self, t: Trade) -> None:
         self._trade_seq += 1
-        self.journal.record("trades", (self.run_id, self._trade_seq, t.entry_ts_ns, t.exit_ts_ns, int(t.side), t.qty,
-                                       t.entry_price, t.exit_price, t.pnl_usd, t.exit_reason))
+        self.journal.record(
+            "trades",
+            (
+                self.run_id,
+                self._trade_seq,
+                t.entry_ts_ns,
+                t.exit_ts_ns,
+                int(t.side),
+                t.qty,
+                t.entry_price,
+                t.exit_price,
+                t.pnl_usd,
+                t.exit_reason,
+            ),
+        )
 
     def _journal_account(self, ts: int, reason: str) -> None:
         pf = self.portfolio
         s = pf.snapshot()
-        self.journal.record("account", (self.run_id, ts, s.position, s.avg_entry, s.stop_price, s.balance_usd,
-                                        s.equity_usd, s.peak_equity_usd, s.drawdown_threshold_usd, s.daily_pnl_usd,
-                                        s.consecutive_losses, reason))
+        self.journal.record(
+            "account",
+            (
+                self.run_id,
+                ts,
+                s.position,
+                s.avg_entry,
+                s.stop_price,
+                s.balance_usd,
+                s.equity_usd,
+                s.peak_equity_usd,
+                s.drawdown_threshold_usd,
+                s.daily_pnl_usd,
+                s.consecutive_losses,
+                reason,
+            ),
+        )
 
 
 def _num(x: float) -> float | None:
@@ -258,28 +353,51 @@ class ReplayRun:
     run_id: str
 
 
-def build_replay(settings: Settings, journal_path: str | Path | None = None,
-                 data_paths: list[Path] | None = None) -> ReplayRun:
+def build_replay(
+    settings: Settings, journal_path: str | Path | None = None, data_paths: list[Path] | None = None
+) -> ReplayRun:
     """Wire a replay from config: data ─▶ bulk features, paper broker, ONNX policy, journal."""
     recorded = load_bars(settings.data, data_paths)
     blocks = load_feature_blocks(settings.features.custom_blocks)
     accepted = _accepted_rows(recorded)
     cols = {k: getattr(recorded, k)[accepted] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
     features = BulkFeatures(settings, cols, blocks)
-    policy = OnnxPolicy(settings.policy.path, features.layout, settings.policy.provider,
-                        settings.policy.intra_op_threads)
+    policy = OnnxPolicy(
+        settings.policy.path, features.layout, settings.policy.provider, settings.policy.intra_op_threads
+    )
     run_id = uuid.uuid4().hex
-    journal = Journal(journal_path or settings.journal.path, settings.journal.batch_size,
-                      settings.journal.flush_interval_ms)
-    journal.start_run(run_id, "replay", settings.model_dump_json(), str(settings.policy.path),
-                      features.layout.hash, recorded.files)
+    journal = Journal(
+        journal_path or settings.journal.path, settings.journal.batch_size, settings.journal.flush_interval_ms
+    )
+    journal.start_run(
+        run_id,
+        "replay",
+        settings.model_dump_json(),
+        str(settings.policy.path),
+        features.layout.hash,
+        recorded.files,
+    )
     rules = load_rules(settings.risk.rules, settings.risk.rule_options, settings)
-    engine = Engine(settings, feed=ReplayFeed(recorded, settings.data.speed), broker=PaperBroker(settings),
-                    policy=policy, features=features, journal=journal, run_id=run_id,
-                    risk=RiskEngine(settings, features.clock, rules), origin=recorded.origin)
+    engine = Engine(
+        settings,
+        feed=ReplayFeed(recorded, settings.data.speed),
+        broker=PaperBroker(settings),
+        policy=policy,
+        features=features,
+        journal=journal,
+        run_id=run_id,
+        risk=RiskEngine(settings, features.clock, rules),
+        origin=recorded.origin,
+    )
     structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode="replay")
-    log.info("replay_ready", bars=len(recorded), accepted=int(accepted.sum()), files=list(recorded.files),
-             layout_hash=features.layout.hash, policy=str(settings.policy.path))
+    log.info(
+        "replay_ready",
+        bars=len(recorded),
+        accepted=int(accepted.sum()),
+        files=list(recorded.files),
+        layout_hash=features.layout.hash,
+        policy=str(settings.policy.path),
+    )
     return ReplayRun(engine, journal, recorded, run_id)
 
 
@@ -287,8 +405,14 @@ def _accepted_rows(rb: RecordedBars) -> np.ndarray:
     """The rows the engine's validator will accept (same validator, same order)."""
     v = BarValidator()
     ok = np.zeros(len(rb), dtype=bool)
-    ts, o, h, lo, c, vol = (rb.ts_ns.tolist(), rb.open.tolist(), rb.high.tolist(), rb.low.tolist(),
-                            rb.close.tolist(), rb.volume.tolist())
+    ts, o, h, lo, c, vol = (
+        rb.ts_ns.tolist(),
+        rb.open.tolist(),
+        rb.high.tolist(),
+        rb.low.tolist(),
+        rb.close.tolist(),
+        rb.volume.tolist(),
+    )
     for i in range(len(ts)):
         if ts[i] >= 0:
             ok[i] = v.check(Bar(ts[i], o[i], h[i], lo[i], c[i], vol[i])) is None

@@ -114,8 +114,15 @@ class Journal:
         return con
 
     # -- API used by the engine ----------------------------------------------------------------
-    def start_run(self, run_id: str, mode: str, config_json: str, policy_path: str, layout_hash: str,
-                  data_files: Sequence[str]) -> None:
+    def start_run(
+        self,
+        run_id: str,
+        mode: str,
+        config_json: str,
+        policy_path: str,
+        layout_hash: str,
+        data_files: Sequence[str],
+    ) -> None:
         con = self._connect()
         with con:
             con.execute(
@@ -130,12 +137,15 @@ class Journal:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
         self._q.put((table, row))
 
-    def finish_run(self, run_id: str, status: str, bars: int, bars_rejected: int, report: dict[str, Any]) -> None:
+    def finish_run(
+        self, run_id: str, status: str, bars: int, bars_rejected: int, report: dict[str, Any]
+    ) -> None:
         self.flush()
         con = self._connect()
         with con:
             con.execute(
-                "UPDATE runs SET finished_at=?, status=?, bars=?, bars_rejected=?, report_json=? WHERE run_id=?",
+                "UPDATE runs SET finished_at=?, status=?, bars=?, bars_rejected=?, report_json=? "
+                "WHERE run_id=?",
                 (_now(), status, bars, bars_rejected, json.dumps(report, default=str), run_id),
             )
         con.close()

@@ -56,8 +56,9 @@ def choose_providers(requested: str) -> list[str]:
 class OnnxPolicy:
     """Greedy masked policy. ``act`` returns (action, confidence, probabilities)."""
 
-    def __init__(self, path: str | Path, layout: ObservationLayout, provider: str = "auto",
-                 intra_op_threads: int = 1) -> None:
+    def __init__(
+        self, path: str | Path, layout: ObservationLayout, provider: str = "auto", intra_op_threads: int = 1
+    ) -> None:
         path = Path(path)
         if not path.exists():
             raise PolicyError(f"policy file not found: {path}")
@@ -76,8 +77,14 @@ class OnnxPolicy:
         self.output_kind = self._check_contract(path, layout, meta)
         chosen = self.session.get_providers()[0]
         self.info = PolicyInfo(str(path), chosen, self.output_kind, meta["layout_hash"], meta)
-        log.info("policy_loaded", path=str(path), provider=chosen, output_kind=self.output_kind,
-                 dim=layout.dim, layout_hash=layout.hash)
+        log.info(
+            "policy_loaded",
+            path=str(path),
+            provider=chosen,
+            output_kind=self.output_kind,
+            dim=layout.dim,
+            layout_hash=layout.hash,
+        )
         self._obs = np.zeros((1, layout.dim), dtype=np.float32)
         self._mask = np.ones((1, N_ACTIONS), dtype=np.bool_)
         self._out_name = self.session.get_outputs()[0].name
@@ -101,7 +108,9 @@ class OnnxPolicy:
         if obs.type != "tensor(float)":
             raise PolicyError(f"policy {path}: input 'obs' has type {obs.type}, expected tensor(float)")
         if mask.type != "tensor(bool)":
-            raise PolicyError(f"policy {path}: input 'action_mask' has type {mask.type}, expected tensor(bool)")
+            raise PolicyError(
+                f"policy {path}: input 'action_mask' has type {mask.type}, expected tensor(bool)"
+            )
         if len(obs.shape) != 2 or obs.shape[1] != layout.dim:
             trained = meta.get("layout_dim", obs.shape[1] if len(obs.shape) == 2 else obs.shape)
             raise PolicyError(
@@ -115,10 +124,14 @@ class OnnxPolicy:
         if not outs or len(outs[0].shape) != 2 or outs[0].shape[1] != N_ACTIONS:
             raise PolicyError(f"policy {path}: first output must be [N, 6] action probabilities or logits")
         if outs[0].type != "tensor(float)":
-            raise PolicyError(f"policy {path}: output {outs[0].name!r} has type {outs[0].type}, expected float")
+            raise PolicyError(
+                f"policy {path}: output {outs[0].name!r} has type {outs[0].type}, expected float"
+            )
         got = meta.get("layout_hash")
         if got is None:
-            raise PolicyError(f"policy {path}: metadata has no layout_hash; re-export it with scripts/train_policy")
+            raise PolicyError(
+                f"policy {path}: metadata has no layout_hash; re-export it with scripts/train_policy"
+            )
         if got != layout.hash:
             raise PolicyError(
                 f"policy {path}: layout hash {got} differs from the configured layout's {layout.hash}; "
@@ -137,7 +150,9 @@ class OnnxPolicy:
             self.session.run_with_iobinding(self._binding)
             raw = self._out[0].tolist()
         else:
-            raw = self.session.run([self._out_name], {"obs": self._obs, "action_mask": self._mask})[0][0].tolist()
+            raw = self.session.run([self._out_name], {"obs": self._obs, "action_mask": self._mask})[0][
+                0
+            ].tolist()
         legal = mask.tolist()
         # Six numbers: plain Python is several times cheaper here than numpy scalar operations.
         if self.output_kind == "logits":

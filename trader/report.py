@@ -19,8 +19,13 @@ from trader.engine import RunStats
 from trader.features.clock import SessionClock
 
 
-def build_report(stats: RunStats, trades: list[Trade], start_balance: float, clock: SessionClock,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    stats: RunStats,
+    trades: list[Trade],
+    start_balance: float,
+    clock: SessionClock,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     eq = np.asarray(stats.equity, dtype=np.float64)
     pnl = np.array([t.pnl_usd for t in trades], dtype=np.float64)
     wins, losses = pnl[pnl > 0], pnl[pnl <= 0]
@@ -41,7 +46,9 @@ def build_report(stats: RunStats, trades: list[Trade], start_balance: float, clo
         "trades": len(trades),
         "net_pnl": round(float(eq[-1] - start_balance), 2) if len(eq) else 0.0,
         "win_rate": round(len(wins) / len(pnl), 4) if len(pnl) else None,
-        "profit_factor": round(gross_win / gross_loss, 4) if gross_loss > 0 else (None if not len(pnl) else math.inf),
+        "profit_factor": round(gross_win / gross_loss, 4)
+        if gross_loss > 0
+        else (None if not len(pnl) else math.inf),
         "avg_trade": round(float(pnl.mean()), 2) if len(pnl) else None,
         "max_drawdown": round(max_dd, 2),
         "sharpe": _ratio(daily, downside=False),
@@ -96,13 +103,25 @@ def format_table(r: dict[str, Any]) -> str:
         return str(v)
 
     rows = [
-        ("status", r["status"]), ("bars processed", r["bars"]), ("bars rejected", r["bars_rejected"]),
-        ("  by reason", r["bars_rejected_by_reason"]), ("trades", r["trades"]), ("net P&L (USD)", r["net_pnl"]),
-        ("win rate", r["win_rate"]), ("profit factor", r["profit_factor"]), ("avg trade (USD)", r["avg_trade"]),
-        ("max drawdown (USD)", r["max_drawdown"]), ("Sharpe (daily, ann.)", r["sharpe"]),
-        ("Sortino (daily, ann.)", r["sortino"]), ("trading days", r["trading_days"]), ("exposure", r["exposure"]),
-        ("actions", r["actions"]), ("vetoes by rule", r["vetoes"]), ("fusion methods", r["fusion_methods"]),
-        ("bars per second", r["bars_per_second"]), ("decision latency (us)", r["decision_latency_us"]),
+        ("status", r["status"]),
+        ("bars processed", r["bars"]),
+        ("bars rejected", r["bars_rejected"]),
+        ("  by reason", r["bars_rejected_by_reason"]),
+        ("trades", r["trades"]),
+        ("net P&L (USD)", r["net_pnl"]),
+        ("win rate", r["win_rate"]),
+        ("profit factor", r["profit_factor"]),
+        ("avg trade (USD)", r["avg_trade"]),
+        ("max drawdown (USD)", r["max_drawdown"]),
+        ("Sharpe (daily, ann.)", r["sharpe"]),
+        ("Sortino (daily, ann.)", r["sortino"]),
+        ("trading days", r["trading_days"]),
+        ("exposure", r["exposure"]),
+        ("actions", r["actions"]),
+        ("vetoes by rule", r["vetoes"]),
+        ("fusion methods", r["fusion_methods"]),
+        ("bars per second", r["bars_per_second"]),
+        ("decision latency (us)", r["decision_latency_us"]),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {fmt(v)}" for k, v in rows)
@@ -114,7 +133,9 @@ def write_json(r: dict[str, Any], path: str | Path) -> None:
     p.write_text(json.dumps(r, indent=2, default=lambda x: None if x != x else str(x)) + "\n")
 
 
-def write_plot_html(stats: RunStats, start_balance: float, path: str | Path, title: str = "trader replay") -> None:
+def write_plot_html(
+    stats: RunStats, start_balance: float, path: str | Path, title: str = "trader replay"
+) -> None:
     """Equity and drawdown as inline SVG in one HTML file (no external assets)."""
     eq = np.asarray(stats.equity, dtype=np.float64)
     p = Path(path)
@@ -132,13 +153,16 @@ def write_plot_html(stats: RunStats, start_balance: float, path: str | Path, tit
         lo, hi = float(ys.min()), float(ys.max())
         span = hi - lo or 1.0
         xs = np.linspace(pad, w - pad, len(ys))
-        pts = " ".join(f"{x:.1f},{top + height - (v - lo) / span * height:.1f}" for x, v in zip(xs, ys, strict=True))
+        pts = " ".join(
+            f"{x:.1f},{top + height - (v - lo) / span * height:.1f}" for x, v in zip(xs, ys, strict=True)
+        )
         return pts, lo, hi
 
     e_pts, e_lo, e_hi = path_of(eq, pad, h1 - pad)
     d_pts, d_lo, d_hi = path_of(dd, h1 + pad, h2 - pad)
     t = html.escape(title)
-    svg = f"""<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h1 + h2 + pad}" font-family="sans-serif" font-size="12">
+    size = f'width="{w}" height="{h1 + h2 + pad}"'
+    svg = f"""<svg xmlns="http://www.w3.org/2000/svg" {size} font-family="sans-serif" font-size="12">
 <text x="{pad}" y="20">Equity (USD): {e_lo:,.2f} .. {e_hi:,.2f}</text>
 <polyline fill="none" stroke="#1f77b4" stroke-width="1.2" points="{e_pts}"/>
 <text x="{pad}" y="{h1 + 30}">Drawdown from peak (USD): {d_lo:,.2f} .. {d_hi:,.2f}</text>

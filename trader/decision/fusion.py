@@ -14,7 +14,7 @@ Pure: no I/O, no state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -23,16 +23,28 @@ from trader.domain import Action, Advice, Decision
 from trader.features.observation import MarketContext
 
 FUSION_METHODS = (
-    "warmup", "rl_only", "agreement", "llm_override", "rl_override", "uncertainty_hold",
-    "weighted_llm", "weighted_rl",
+    "warmup",
+    "rl_only",
+    "agreement",
+    "llm_override",
+    "rl_override",
+    "uncertainty_hold",
+    "weighted_llm",
+    "weighted_rl",
 )
 
 
 class FusionStrategy(Protocol):
     """Combines the RL choice and (optional) LLM advice into one Decision with its reasons."""
 
-    def fuse(self, rl_action: Action, rl_confidence: float, advice: Advice | None, mask: np.ndarray,
-             market: Callable[[], MarketContext]) -> Decision: ...
+    def fuse(
+        self,
+        rl_action: Action,
+        rl_confidence: float,
+        advice: Advice | None,
+        mask: np.ndarray,
+        market: Callable[[], MarketContext],
+    ) -> Decision: ...
 
 
 class GuideFusion:
@@ -45,29 +57,57 @@ class GuideFusion:
         self.low = cfg.low_confidence
         self.uncertain = cfg.uncertainty_threshold
 
-    def fuse(self, rl_action: Action, rl_confidence: float, advice: Advice | None, mask: np.ndarray,
-             market: Callable[[], MarketContext]) -> Decision:
+    def fuse(
+        self,
+        rl_action: Action,
+        rl_confidence: float,
+        advice: Advice | None,
+        mask: np.ndarray,
+        market: Callable[[], MarketContext],
+    ) -> Decision:
         if advice is None:
             return Decision(rl_action, "rl_only", rl_action, rl_confidence, None, None, ("no_fresh_advice",))
         la, lc, rc = advice.action, advice.confidence, rl_confidence
         if not mask[la]:
-            return Decision(rl_action, "rl_only", rl_action, rc, la, lc, (f"advice_{la.name}_illegal_under_mask",))
+            return Decision(
+                rl_action, "rl_only", rl_action, rc, la, lc, (f"advice_{la.name}_illegal_under_mask",)
+            )
         if la == rl_action:
             return Decision(rl_action, "agreement", rl_action, rc, la, lc, (f"both_{la.name}",))
         if lc > self.high and rc < self.low:
-            return Decision(la, "llm_override", rl_action, rc, la, lc,
-                            (f"llm_conf_{lc:.2f}>{self.high}", f"rl_conf_{rc:.2f}<{self.low}"))
+            return Decision(
+                la,
+                "llm_override",
+                rl_action,
+                rc,
+                la,
+                lc,
+                (f"llm_conf_{lc:.2f}>{self.high}", f"rl_conf_{rc:.2f}<{self.low}"),
+            )
         if rc > self.high and lc < self.low:
-            return Decision(rl_action, "rl_override", rl_action, rc, la, lc,
-                            (f"rl_conf_{rc:.2f}>{self.high}", f"llm_conf_{lc:.2f}<{self.low}"))
+            return Decision(
+                rl_action,
+                "rl_override",
+                rl_action,
+                rc,
+                la,
+                lc,
+                (f"rl_conf_{rc:.2f}>{self.high}", f"llm_conf_{lc:.2f}<{self.low}"),
+            )
         if rc < self.uncertain and lc < self.uncertain:
-            return Decision(Action.HOLD, "uncertainty_hold", rl_action, rc, la, lc,
-                            (f"both_conf<{self.uncertain}",))
+            return Decision(
+                Action.HOLD, "uncertainty_hold", rl_action, rc, la, lc, (f"both_conf<{self.uncertain}",)
+            )
         s_rl, s_llm = (1.0 - self.w) * rc, self.w * lc
         if lc >= self.threshold and s_llm > s_rl:
-            return Decision(la, "weighted_llm", rl_action, rc, la, lc, (f"score_llm_{s_llm:.3f}>rl_{s_rl:.3f}",))
-        why = f"llm_conf_{lc:.2f}<threshold_{self.threshold}" if lc < self.threshold else \
-            f"score_rl_{s_rl:.3f}>=llm_{s_llm:.3f}"
+            return Decision(
+                la, "weighted_llm", rl_action, rc, la, lc, (f"score_llm_{s_llm:.3f}>rl_{s_rl:.3f}",)
+            )
+        why = (
+            f"llm_conf_{lc:.2f}<threshold_{self.threshold}"
+            if lc < self.threshold
+            else f"score_rl_{s_rl:.3f}>=llm_{s_llm:.3f}"
+        )
         return Decision(rl_action, "weighted_rl", rl_action, rc, la, lc, (why,))
 
 
@@ -78,7 +118,9 @@ def build_fusion(cfg: FusionConfig, options: dict[str, Any] | None = None) -> Fu
     from trader.features.observation import load_object
 
     factory = load_object(cfg.strategy)
-    strategy = factory(cfg, **(options or {}))  # type: ignore[operator]
+    if not callable(factory):
+        raise ValueError(f"fusion.strategy: {cfg.strategy!r} is not a class or factory")
+    strategy = factory(cfg, **(options or {}))
     if not callable(getattr(strategy, "fuse", None)):
         raise ValueError(f"fusion.strategy: {cfg.strategy!r} does not provide fuse()")
-    return strategy  # type: ignore[no-any-return]
+    return cast(FusionStrategy, strategy)

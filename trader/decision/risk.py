@@ -62,8 +62,11 @@ class MinWinRate:
         self.min_trades = min_trades
 
     def check(self, action: Action, s: PortfolioSnapshot, ctx: RiskContext) -> str | None:
-        if s.recent_win_rate is not None and s.recent_trades >= self.min_trades \
-                and s.recent_win_rate < self.threshold:
+        if (
+            s.recent_win_rate is not None
+            and s.recent_trades >= self.min_trades
+            and s.recent_win_rate < self.threshold
+        ):
             return f"win rate {s.recent_win_rate:.2f} of last {s.recent_trades} trades < {self.threshold}"
         return None
 
@@ -114,8 +117,8 @@ class RiskEngine:
             flatten_reason = "flatten_before_close"
         if flatten_reason:
             opens = action != Action.HOLD and _opens_exposure(action, pos, self.reverse)
-            vetoes = (Veto(flatten_reason, "entries blocked"),) if opens else ()
-            return Verdict(Action.HOLD, vetoes, flatten=pos != 0, flatten_reason=flatten_reason)
+            blocked = (Veto(flatten_reason, "entries blocked"),) if opens else ()
+            return Verdict(Action.HOLD, blocked, flatten=pos != 0, flatten_reason=flatten_reason)
 
         if action in (Action.HOLD, Action.MOVE_TO_BE, Action.DISABLE_TRAIL):
             return Verdict(action)
@@ -128,7 +131,9 @@ class RiskEngine:
             vetoes.append(Veto("halted", "trading halted"))
         if not self.clock.in_entry_window(ctx.minute_of_day) and action != Action.ENABLE_TRAIL:
             vetoes.append(Veto("trading_hours", f"minute {ctx.minute_of_day} outside the entry window"))
-        if (action == Action.BUY and pos >= self.max_contracts) or (action == Action.SELL and -pos >= self.max_contracts):
+        if (action == Action.BUY and pos >= self.max_contracts) or (
+            action == Action.SELL and -pos >= self.max_contracts
+        ):
             vetoes.append(Veto("max_contracts", f"position {pos} at max {self.max_contracts}"))
         if self.enable_veto:
             for rule in self.guide_rules:
@@ -156,7 +161,9 @@ def _opens_exposure(action: Action, pos: int, reverse: bool) -> bool:
     return False
 
 
-def load_rules(paths: Sequence[str], options: dict[str, dict[str, Any]], settings: Settings) -> list[RiskRule]:
+def load_rules(
+    paths: Sequence[str], options: dict[str, dict[str, Any]], settings: Settings
+) -> list[RiskRule]:
     """Risk rule plug-ins by dotted path, each called with (settings, **options[path])."""
     rules = []
     for p in paths:

@@ -33,8 +33,16 @@ class ExecutionPlanner:
         self.tick = settings.instrument.tick_size
         self.qty = ex.order_qty
         self.reverse = ex.reverse_on_opposite
-        self.stop_mode, self.stop_atr_mult, self.stop_ticks_fixed = ex.stop_mode, ex.stop_atr_mult, ex.stop_ticks
-        self.trail_mode, self.trail_atr_mult, self.trail_ticks_fixed = ex.trail_mode, ex.trail_atr_mult, ex.trail_ticks
+        self.stop_mode, self.stop_atr_mult, self.stop_ticks_fixed = (
+            ex.stop_mode,
+            ex.stop_atr_mult,
+            ex.stop_ticks,
+        )
+        self.trail_mode, self.trail_atr_mult, self.trail_ticks_fixed = (
+            ex.trail_mode,
+            ex.trail_atr_mult,
+            ex.trail_ticks,
+        )
         self.be_offset = ex.be_offset_ticks * settings.instrument.tick_size
         self.run_tag = run_id[:8]
 
@@ -50,8 +58,17 @@ class ExecutionPlanner:
         a, pos = v.action, s.position
         if v.flatten and pos:
             side = Side.SELL if pos > 0 else Side.BUY
-            return Plan(orders=(OrderIntent(self._cid(bar_index, 0), side, abs(pos), OrderKind.MARKET,
-                                            f"flatten:{v.flatten_reason}"),))
+            return Plan(
+                orders=(
+                    OrderIntent(
+                        self._cid(bar_index, 0),
+                        side,
+                        abs(pos),
+                        OrderKind.MARKET,
+                        f"flatten:{v.flatten_reason}",
+                    ),
+                )
+            )
         if a == Action.HOLD:
             return None
         if a in (Action.BUY, Action.SELL):
@@ -64,9 +81,19 @@ class ExecutionPlanner:
                     return Plan(orders=tuple(orders))
             # an add keeps the position's existing stop; a new position gets its own bracket stop
             adding = pos != 0 and not opposite
-            stop_ticks = 0 if adding else self._ticks(self.stop_mode, self.stop_atr_mult, self.stop_ticks_fixed, atr)
-            orders.append(OrderIntent(self._cid(bar_index, len(orders)), side, self.qty, OrderKind.MARKET,
-                                      "reverse" if opposite else ("add" if adding else "entry"), stop_ticks))
+            stop_ticks = (
+                0 if adding else self._ticks(self.stop_mode, self.stop_atr_mult, self.stop_ticks_fixed, atr)
+            )
+            orders.append(
+                OrderIntent(
+                    self._cid(bar_index, len(orders)),
+                    side,
+                    self.qty,
+                    OrderKind.MARKET,
+                    "reverse" if opposite else ("add" if adding else "entry"),
+                    stop_ticks,
+                )
+            )
             return Plan(orders=tuple(orders))
         if pos == 0:
             return None
@@ -79,8 +106,10 @@ class ExecutionPlanner:
                 better = s.stop_price is None or be < s.stop_price
             return Plan(move_stop=be if better else None, break_even=True)
         if a == Action.ENABLE_TRAIL:
-            return Plan(trailing=True,
-                        trail_ticks=self._ticks(self.trail_mode, self.trail_atr_mult, self.trail_ticks_fixed, atr))
+            return Plan(
+                trailing=True,
+                trail_ticks=self._ticks(self.trail_mode, self.trail_atr_mult, self.trail_ticks_fixed, atr),
+            )
         if a == Action.DISABLE_TRAIL:
             return Plan(trailing=False)
         return None

@@ -101,8 +101,16 @@ class Portfolio:
             entry_comm = self.entry_commission_usd * share
             self.entry_commission_usd -= entry_comm
             exit_comm = commission * close_qty / qty
-            trade = Trade(self.entry_ts_ns, fill.ts_ns, Side(pos_side), close_qty, self.avg_entry, fill.price,
-                          gross - entry_comm - exit_comm, fill.purpose)
+            trade = Trade(
+                self.entry_ts_ns,
+                fill.ts_ns,
+                Side(pos_side),
+                close_qty,
+                self.avg_entry,
+                fill.price,
+                gross - entry_comm - exit_comm,
+                fill.purpose,
+            )
             self._record_trade(trade)
             closed.append(trade)
             self.position = pos + side * close_qty
@@ -135,7 +143,9 @@ class Portfolio:
 
     # -- marks -------------------------------------------------------------------------------
     def _mark(self, price: float) -> None:
-        self.unrealized_usd = (price - self.avg_entry) * self.position * self.point_value if self.position else 0.0
+        self.unrealized_usd = (
+            (price - self.avg_entry) * self.position * self.point_value if self.position else 0.0
+        )
 
     def mark_bar(self, bar: Bar, session_id: int) -> None:
         """Mark to the bar's close; trail the drawdown peak with the bar's favourable extreme."""

@@ -271,7 +271,7 @@ class ADX:
     average of DX seeded with the mean of the first n DX values.
     """
 
-    __slots__ = ("_dx", "_i", "_pdm", "_prev", "_s_mdm", "_s_pdm", "_s_tr", "_mdm", "_tr", "n")
+    __slots__ = ("_dx", "_i", "_mdm", "_pdm", "_prev", "_s_mdm", "_s_pdm", "_s_tr", "_tr", "n")
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -481,6 +481,8 @@ class ResampledRSI:
             return out
         new_bucket = np.flatnonzero(np.diff(bucket) != 0) + 1  # first bar of each later bucket
         completed_close = close[new_bucket - 1]  # close of each completed bucket, in order
+        if len(completed_close) == 0:
+            return out  # no higher-timeframe bar has completed yet
         rsi = RSI(n)
         gains = np.full(len(completed_close), NAN)
         losses = np.full(len(completed_close), NAN)

@@ -45,11 +45,11 @@ RISK_CONTEXT_FEATURES: tuple[str, ...] = (
 @cache
 def _market_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
     # The names come from the formulas themselves, so they cannot drift from them.
+    import numpy as np
+
     from trader.domain import Bar
     from trader.features.clock import SessionClock
     from trader.features.market import MarketState, derive, derive_llm_context
-
-    import numpy as np
 
     clock = SessionClock(InstrumentConfig())
     p = MarketState(clock).update(Bar(0, 1.0, 1.0, 1.0, 1.0, 1.0))

@@ -10,6 +10,7 @@ that the two paths agree bar for bar on the recorded NQ data.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import polars as pl
 
@@ -96,16 +97,16 @@ class MarketState:
     def update(self, bar: Bar) -> dict[str, float]:
         o, h, lo, c, v, ts = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.ts_ns
         p: dict[str, float] = {"open": o, "high": h, "low": lo, "close": c, "volume": v, "ts": float(ts)}
-        for n, ind in self.ema.items():
-            p[f"ema_{n}"] = ind.update(c)
-        for n, ind in self.sma.items():
-            p[f"sma_{n}"] = ind.update(c)
-        for n, ind in self.close_sma.items():
-            p[f"sma_{n}"] = ind.update(c)
-        for n, ind in self.rsi.items():
-            p[f"rsi_{n}"] = ind.update(c)
-        for n, ind in self.atr.items():
-            p[f"atr_{n}"] = ind.update(h, lo, c)
+        for n, ema_ind in self.ema.items():
+            p[f"ema_{n}"] = ema_ind.update(c)
+        for n, sma_ind in self.sma.items():
+            p[f"sma_{n}"] = sma_ind.update(c)
+        for n, close_sma_ind in self.close_sma.items():
+            p[f"sma_{n}"] = close_sma_ind.update(c)
+        for n, rsi_ind in self.rsi.items():
+            p[f"rsi_{n}"] = rsi_ind.update(c)
+        for n, atr_ind in self.atr.items():
+            p[f"atr_{n}"] = atr_ind.update(h, lo, c)
         p["adx_14"], p["pdi_14"], p["mdi_14"] = self.adx14.update(h, lo, c)
         p["adx_7"], p["pdi_7"], p["mdi_7"] = self.adx7.update(h, lo, c)
         p["macd"], p["macd_sig"], p["macd_hist"] = self.macd.update(c)
@@ -113,21 +114,21 @@ class MarketState:
         for n in DONCHIAN:
             p[f"hh_{n}"] = self.hh[n].update(h)
             p[f"ll_{n}"] = self.ll[n].update(lo)
-        for n, ind in self.close_std.items():
-            p[f"std_{n}"] = ind.update(c)
+        for n, close_std_ind in self.close_std.items():
+            p[f"std_{n}"] = close_std_ind.update(c)
         prev, self._prev_close = self._prev_close, c
         ret1 = c - prev if not math.isnan(prev) else NAN
         logret = math.log(c / prev) if not math.isnan(prev) else NAN
         p["ret1"] = ret1
-        for n, ind in self.ret_std.items():
-            p[f"rstd_{n}"] = ind.update(logret)
+        for n, ret_std_ind in self.ret_std.items():
+            p[f"rstd_{n}"] = ret_std_ind.update(logret)
         logv = math.log1p(v)
         p["logv"] = logv
-        for n, ind in self.vol_sma.items():
-            p[f"vsma_{n}"] = ind.update(v)
+        for n, vol_sma_ind in self.vol_sma.items():
+            p[f"vsma_{n}"] = vol_sma_ind.update(v)
         p["vstd_20"] = self.vol_std20.update(v)
-        for n, ind in self.er.items():
-            p[f"er_{n}"] = ind.update(c)
+        for n, er_ind in self.er.items():
+            p[f"er_{n}"] = er_ind.update(c)
         p["rsi_15m"] = self.rsi15.update(ts, c)
         p["rsi_60m"] = self.rsi60.update(ts, c)
         p["range"] = h - lo
@@ -155,12 +156,23 @@ class MarketState:
 
 
 def primitives_batch(
-    ts: np.ndarray, o: np.ndarray, h: np.ndarray, lo: np.ndarray, c: np.ndarray, v: np.ndarray,
+    ts: np.ndarray,
+    o: np.ndarray,
+    h: np.ndarray,
+    lo: np.ndarray,
+    c: np.ndarray,
+    v: np.ndarray,
     clock: SessionClock,
 ) -> dict[str, np.ndarray]:
     """All primitives for whole arrays, equal to feeding the bars one by one to MarketState."""
-    p: dict[str, np.ndarray] = {"open": o, "high": h, "low": lo, "close": c, "volume": v,
-                                "ts": ts.astype(np.float64)}
+    p: dict[str, np.ndarray] = {
+        "open": o,
+        "high": h,
+        "low": lo,
+        "close": c,
+        "volume": v,
+        "ts": ts.astype(np.float64),
+    }
     for n in EMA_PERIODS:
         p[f"ema_{n}"] = EMA.batch(c, n)
     for n in sorted(set(SMA_PERIODS) | set(CLOSE_STD)):
@@ -206,7 +218,11 @@ def primitives_batch(
     cpv, cv = df["cpv"].to_numpy(), df["cv"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         p["vwap"] = np.where(cv > 0, cpv / np.where(cv > 0, cv, 1.0), c)
-    p["sess_high"], p["sess_low"], p["sess_open"] = df["sh"].to_numpy(), df["sl"].to_numpy(), df["so"].to_numpy()
+    p["sess_high"], p["sess_low"], p["sess_open"] = (
+        df["sh"].to_numpy(),
+        df["sl"].to_numpy(),
+        df["so"].to_numpy(),
+    )
     first_of_session = np.concatenate(([False], np.diff(sess) != 0))
     psc = np.where(first_of_session, prev, NAN)
     # forward-fill the previous session's close through the session
@@ -308,7 +324,9 @@ def derive(p: dict[str, np.ndarray], clock: SessionClock, tick_size: float) -> d
     rth = (minute >= 570) & (minute < 960)
     f["is_rth"] = rth.astype(np.float64)
     f["is_overnight"] = (~rth).astype(np.float64)
-    f["in_entry_window"] = ((minute >= clock.trade_start_min) & (minute < clock.trade_end_min)).astype(np.float64)
+    f["in_entry_window"] = ((minute >= clock.trade_start_min) & (minute < clock.trade_end_min)).astype(
+        np.float64
+    )
     f["rth_elapsed"] = np.clip((minute - 570) / 390.0, 0.0, 1.0)
     f["to_flatten"] = np.clip((clock.flatten_min - minute) / 390.0, 0.0, 1.0)
     # Q. session levels
@@ -326,7 +344,9 @@ def derive(p: dict[str, np.ndarray], clock: SessionClock, tick_size: float) -> d
     return f
 
 
-def derive_llm_context(p: dict[str, np.ndarray], clock: SessionClock, tick_size: float) -> dict[str, np.ndarray]:
+def derive_llm_context(
+    p: dict[str, np.ndarray], clock: SessionClock, tick_size: float
+) -> dict[str, np.ndarray]:
     """The 28 market-side LLM-context features of DESIGN.md (extended, multi-timeframe, patterns)."""
     c = p["close"]
     atr = np.maximum(p["atr_14"], tick_size)
@@ -376,8 +396,15 @@ def derive_llm_context(p: dict[str, np.ndarray], clock: SessionClock, tick_size:
 
 
 def market_features_batch(
-    ts: np.ndarray, o: np.ndarray, h: np.ndarray, lo: np.ndarray, c: np.ndarray, v: np.ndarray,
-    clock: SessionClock, tick_size: float, with_llm: bool,
+    ts: np.ndarray,
+    o: np.ndarray,
+    h: np.ndarray,
+    lo: np.ndarray,
+    c: np.ndarray,
+    v: np.ndarray,
+    clock: SessionClock,
+    tick_size: float,
+    with_llm: bool,
 ) -> dict[str, np.ndarray]:
     p = primitives_batch(ts, o, h, lo, c, v, clock)
     f = derive(p, clock, tick_size)
@@ -386,8 +413,9 @@ def market_features_batch(
     return f
 
 
-def market_features_one(p: dict[str, float], clock: SessionClock, tick_size: float, with_llm: bool
-                        ) -> dict[str, float]:
+def market_features_one(
+    p: dict[str, float], clock: SessionClock, tick_size: float, with_llm: bool
+) -> dict[str, float]:
     arr = {k: np.array([v], dtype=np.float64) for k, v in p.items()}
     f = derive(arr, clock, tick_size)
     if with_llm:

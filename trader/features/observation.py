@@ -93,8 +93,22 @@ class MarketContext:
     extras: tuple[tuple[str, float], ...] = ()
 
 
-_CONTEXT_KEYS = ("close", "atr_14", "adx_14", "pdi_14", "mdi_14", "rsi_14", "macd", "vwap", "ll_60", "hh_60",
-                 "atr_sma_240", "close@20", "local_s", "ts")
+_CONTEXT_KEYS = (
+    "close",
+    "atr_14",
+    "adx_14",
+    "pdi_14",
+    "mdi_14",
+    "rsi_14",
+    "macd",
+    "vwap",
+    "ll_60",
+    "hh_60",
+    "atr_sma_240",
+    "close@20",
+    "local_s",
+    "ts",
+)
 
 
 def _context_from(p: dict[str, float]) -> MarketContext:
@@ -169,8 +183,12 @@ class BulkFeatures:
     rows can never silently fall out of step with the bars the engine accepted.
     """
 
-    def __init__(self, settings: Settings, bars: Sequence[Bar] | dict[str, np.ndarray],
-                 blocks: Sequence[FeatureBlock] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bars: Sequence[Bar] | dict[str, np.ndarray],
+        blocks: Sequence[FeatureBlock] = (),
+    ) -> None:
         self.clock = SessionClock(settings.instrument)
         tick = settings.instrument.tick_size
         self.blocks = list(blocks)
@@ -232,12 +250,27 @@ def _custom_batch(blocks: Sequence[FeatureBlock], cols: dict[str, np.ndarray]) -
     for b in blocks:
         batch = getattr(b, "batch", None)
         if batch is not None:
-            arr = np.asarray(batch(cols["ts_ns"], cols["open"], cols["high"], cols["low"], cols["close"],
-                                   cols["volume"]), dtype=np.float64).reshape(n, len(b.names))
+            arr = np.asarray(
+                batch(cols["ts_ns"], cols["open"], cols["high"], cols["low"], cols["close"], cols["volume"]),
+                dtype=np.float64,
+            ).reshape(n, len(b.names))
         else:
-            arr = np.array([b.update(Bar(int(cols["ts_ns"][i]), float(cols["open"][i]), float(cols["high"][i]),
-                                         float(cols["low"][i]), float(cols["close"][i]), float(cols["volume"][i])))
-                            for i in range(n)], dtype=np.float64).reshape(n, len(b.names))
+            arr = np.array(
+                [
+                    b.update(
+                        Bar(
+                            int(cols["ts_ns"][i]),
+                            float(cols["open"][i]),
+                            float(cols["high"][i]),
+                            float(cols["low"][i]),
+                            float(cols["close"][i]),
+                            float(cols["volume"][i]),
+                        )
+                    )
+                    for i in range(n)
+                ],
+                dtype=np.float64,
+            ).reshape(n, len(b.names))
         parts.append(arr)
     return np.hstack(parts) if parts else np.zeros((n, 0))
 
@@ -271,7 +304,9 @@ class AccountFeatures:
         self._flat_acct = np.zeros(len(ACCOUNT_FEATURES), dtype=np.float32)
         self._flat_risk = np.zeros(len(RISK_CONTEXT_FEATURES), dtype=np.float32)
 
-    def fill(self, obs: np.ndarray, s: PortfolioSnapshot, close: float, atr: float, daily_trades: int) -> None:
+    def fill(
+        self, obs: np.ndarray, s: PortfolioSnapshot, close: float, atr: float, daily_trades: int
+    ) -> None:
         if s.position == 0:
             # Flat: nothing here depends on price, so reuse the block while the snapshot is unchanged.
             key = (s, daily_trades)
@@ -286,12 +321,16 @@ class AccountFeatures:
             return
         self._compute(obs, s, close, atr, daily_trades)
 
-    def _compute(self, obs: np.ndarray, s: PortfolioSnapshot, close: float, atr: float, daily_trades: int) -> None:
+    def _compute(
+        self, obs: np.ndarray, s: PortfolioSnapshot, close: float, atr: float, daily_trades: int
+    ) -> None:
         atr_usd = max(atr if atr == atr else 0.0, self.tick) * self.point_value
         qty = abs(s.position)
         side = (s.position > 0) - (s.position < 0)
         per_contract = atr_usd * max(qty, 1)
-        stop_dist = (close - s.stop_price) * side / max(atr, self.tick) if s.stop_price is not None and side else 0.0
+        stop_dist = (
+            (close - s.stop_price) * side / max(atr, self.tick) if s.stop_price is not None and side else 0.0
+        )
         obs[self._acct] = (
             side,
             qty / self.max_contracts,

@@ -31,8 +31,13 @@ class BarValidator:
     def check(self, bar: Bar) -> str | None:
         """None if the bar is good (and then it becomes the last accepted bar), else the reason."""
         o, h, lo, c, v = bar.open, bar.high, bar.low, bar.close, bar.volume
-        if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(lo) and math.isfinite(c)
-                and math.isfinite(v)):
+        if not (
+            math.isfinite(o)
+            and math.isfinite(h)
+            and math.isfinite(lo)
+            and math.isfinite(c)
+            and math.isfinite(v)
+        ):
             return "not_finite"
         if o <= 0 or h <= 0 or lo <= 0 or c <= 0:
             return "non_positive_price"

@@ -49,8 +49,14 @@ class RecordedBars:
         return f"{self.files[self.origin_file[i]]}:{self.origin_line[i]}"
 
     def bar(self, i: int) -> Bar:
-        return Bar(int(self.ts_ns[i]), float(self.open[i]), float(self.high[i]), float(self.low[i]),
-                   float(self.close[i]), float(self.volume[i]))
+        return Bar(
+            int(self.ts_ns[i]),
+            float(self.open[i]),
+            float(self.high[i]),
+            float(self.low[i]),
+            float(self.close[i]),
+            float(self.volume[i]),
+        )
 
 
 def _read_file(path: Path, cfg: DataConfig) -> pl.DataFrame:
@@ -72,15 +78,12 @@ def _select(df: pl.DataFrame, path: Path, cfg: DataConfig) -> pl.DataFrame:
         ref = getattr(cfg.columns, field)
         if isinstance(ref, int):
             if not 0 <= ref < len(cols):
-                raise DataError(
-                    f"{path}: data.columns.{field} = {ref} but the file has {len(cols)} columns"
-                )
+                raise DataError(f"{path}: data.columns.{field} = {ref} but the file has {len(cols)} columns")
             name = cols[ref]
         else:
             if ref not in cols:
                 raise DataError(
-                    f"{path}: missing required column {ref!r} (data.columns.{field}); "
-                    f"columns are {cols}"
+                    f"{path}: missing required column {ref!r} (data.columns.{field}); columns are {cols}"
                 )
             name = ref
         exprs.append(pl.col(name).alias(field))
@@ -140,12 +143,14 @@ def load_bars(cfg: DataConfig, paths: Sequence[Path] | None = None) -> RecordedB
             ts = _timestamps_ns(raw["timestamp"], cfg)
         except pl.exceptions.PolarsError as exc:
             raise DataError(f"{path}: column timestamp cannot be read as time: {exc}") from exc
-        df = pl.DataFrame({
-            "ts_ns": ts.fill_null(-1).cast(pl.Int64),
-            **{f: raw[f].cast(pl.Float64, strict=False).fill_null(float("nan")) for f in FIELDS[1:]},
-            "origin_file": pl.Series([fi] * len(raw), dtype=pl.Int32),
-            "origin_line": pl.int_range(1, len(raw) + 1, eager=True) + (header_lines if is_csv else 0),
-        })
+        df = pl.DataFrame(
+            {
+                "ts_ns": ts.fill_null(-1).cast(pl.Int64),
+                **{f: raw[f].cast(pl.Float64, strict=False).fill_null(float("nan")) for f in FIELDS[1:]},
+                "origin_file": pl.Series([fi] * len(raw), dtype=pl.Int32),
+                "origin_line": pl.int_range(1, len(raw) + 1, eager=True) + (header_lines if is_csv else 0),
+            }
+        )
         frames.append((fi, df))
     first_ts = [int(d["ts_ns"].filter(d["ts_ns"] >= 0).min() or 0) for _, d in frames]  # type: ignore[arg-type]
     ordered = [d for _, d in sorted(zip(first_ts, [f for _, f in frames], strict=True), key=lambda t: t[0])]
@@ -178,8 +183,14 @@ class ReplayFeed:
     async def events(self) -> AsyncIterator[tuple[Bar | None, int]]:
         """Yields (bar, row index); bar is None for a row whose timestamp could not be parsed."""
         rb = self.recorded
-        ts, o, h, lo, c, v = (rb.ts_ns.tolist(), rb.open.tolist(), rb.high.tolist(), rb.low.tolist(),
-                              rb.close.tolist(), rb.volume.tolist())
+        ts, o, h, lo, c, v = (
+            rb.ts_ns.tolist(),
+            rb.open.tolist(),
+            rb.high.tolist(),
+            rb.low.tolist(),
+            rb.close.tolist(),
+            rb.volume.tolist(),
+        )
         prev_ts: int | None = None
         for i in range(len(ts)):
             t = ts[i]

@@ -1,0 +1,71 @@
+"""The CLI as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def trader(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("TRADER_")}
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "trader", *args], cwd=cwd, capture_output=True, text=True, env=e, timeout=300
+    )
+
+
+def test_replay_with_no_arguments_runs_the_bundled_demo_and_reports(tmp_path):
+    r = trader("replay", "--report", "out/report.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "net P&L (USD)" in r.stdout and "bars per second" in r.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for key in (
+        "bars",
+        "bars_rejected",
+        "trades",
+        "net_pnl",
+        "win_rate",
+        "profit_factor",
+        "max_drawdown",
+        "sharpe",
+        "vetoes",
+        "fusion_methods",
+        "bars_per_second",
+    ):
+        assert key in report
+    assert report["bars"] == 5520 and report["bars_rejected"] == 0
+    assert (tmp_path / "out" / "report.html").read_text().startswith("<!doctype html>")
+    con = sqlite3.connect(tmp_path / "runs" / "journal.sqlite")
+    assert con.execute("SELECT count(*) FROM decisions").fetchone()[0] == 5520
+    assert con.execute("SELECT status FROM runs").fetchone()[0] == "completed"
+
+
+def test_check_config_prints_the_effective_config_and_rejects_bad_values(tmp_path):
+    ok = trader("check-config", cwd=tmp_path, env={"TRADER_FUSION__LLM_WEIGHT": "0.4"})
+    assert ok.returncode == 0 and "llm_weight = 0.4" in ok.stdout
+    bad = trader("check-config", cwd=tmp_path, env={"TRADER_FUSION__LLM_WEIGHT": "1.7"})
+    assert bad.returncode == 2
+    assert "fusion.llm_weight: 1.7 is not within [0, 1]" in bad.stderr
+
+
+def test_features_command_writes_named_columns(tmp_path):
+    r = trader("features", "--to", "2023-11-28T12:00:00", "--out", "f.parquet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    df = pl.read_parquet(tmp_path / "f.parquet")
+    assert df.width == 2 + 261 and df.columns[:3] == ["timestamp", "ready", "bar_body_atr"]
+    assert df["ready"][-1] and not df["ready"][0]
+
+
+def test_a_bad_data_file_is_a_clear_error_not_a_traceback(tmp_path):
+    (tmp_path / "x.csv").write_text("time,open\n1,2\n")
+    r = trader("replay", "--data", "x.csv", cwd=tmp_path)
+    assert r.returncode == 2 and "missing required column 'timestamp'" in r.stderr
+    assert "Traceback" not in r.stderr
