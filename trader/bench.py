@@ -49,15 +49,17 @@ def _one(data: Path) -> dict[str, float]:
     }
 
 
-def main(data: Path | None = None, repeat: int = 3) -> int:
+def main(data: Path | None = None, repeat: int = 5) -> int:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     path = Path(data or os.environ.get("TRADER_BENCH_DATA") or SHARED)
     runs = [_one(path) for _ in range(max(1, repeat))]
-    best = max(runs, key=lambda r: r["bars_per_second"])
+    # This VM's speed drifts between runs; report the median run, and the best beside it.
+    ranked = sorted(runs, key=lambda r: r["bars_per_second"])
+    best = ranked[len(ranked) // 2]
     out = {
-        "benchmark": "replay_end_to_end_llm_off",
+        "benchmark": "replay_end_to_end_llm_off (median run)",
         "data": str(path),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
         "repeat": len(runs),
@@ -70,7 +72,9 @@ def main(data: Path | None = None, repeat: int = 3) -> int:
             "p99": round(best["p99_us"], 1),
             "max": round(best["max_us"], 1),
         },
+        "best_bars_per_second": round(ranked[-1]["bars_per_second"], 1),
         "all_runs_bars_per_second": [round(r["bars_per_second"], 1) for r in runs],
+        "all_runs_p99_us": [round(r["p99_us"], 1) for r in runs],
     }
     print(json.dumps(out, indent=2))
     return 0

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="replay benchmark: bars/s and decision latency, JSON")
     p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.set_defaults(func=cmd_bench)
     return ap
 

@@ -41,7 +41,9 @@ _WARMUP = Decision(Action.HOLD, "warmup", Action.HOLD, 1.0, None, None, ("warmup
 
 
 class Feed(Protocol):
-    def events(self) -> AsyncIterator[tuple[Bar | None, int]]: ...
+    """Bars in time order, in batches (a live feed: batches of one). ``None`` = an unreadable row."""
+
+    def batches(self) -> AsyncIterator[list[tuple[Bar | None, int]]]: ...
 
 
 class AdviceSource(Protocol):
@@ -119,12 +121,15 @@ class Engine:
         t0 = time.perf_counter()
         await self.broker.start()
         try:
-            async for bar, row in self.feed.events():
-                if bar is None:
-                    self._reject(None, row, "bad_timestamp")
-                else:
-                    await self.on_bar(bar, row)
-                if self.progress is not None and (stats.bars & 1023) == 0:
+            async for batch in self.feed.batches():
+                for bar, row in batch:
+                    if bar is None:
+                        self._reject(None, row, "bad_timestamp")
+                    else:
+                        await self.on_bar(bar, row)
+                    if self._stop_requested:
+                        break
+                if self.progress is not None:
                     self.progress(stats.bars)
                 if self._stop_requested:
                     stats.status = "stopped"
@@ -182,7 +187,8 @@ class Engine:
         fills = broker.drain_fills()
         if fills:
             self._apply_fills(fills)
-        pf.mark_bar(bar, clock.session_id(ts))
+        local_s = clock.local_s(ts)
+        pf.mark_bar(bar, clock.session_of_local(local_s))
         obs = self.features.update(bar)
         snap = pf.snapshot()
         close = bar.close
@@ -200,7 +206,7 @@ class Engine:
             decision = _WARMUP
         ctx = self.ctx
         ctx.ts_ns = ts
-        ctx.minute_of_day = clock.minute_of_day(ts)
+        ctx.minute_of_day = (local_s // 60) % 1440
         verdict = self.risk.review(decision.action, snap, ctx)
         plan = self.planner.plan(verdict, snap, atr, i)
         if plan is not None:

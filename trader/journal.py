@@ -18,11 +18,12 @@ account         account snapshots (after each fill and at the end of the run)
 from __future__ import annotations
 
 import json
-import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,8 @@ _INSERTS = {
     "trades": 10,
     "account": 12,
 }
+_MAX_VARIABLES = 8000  # bound parameters per statement (SQLite allows 32766 since 3.32)
 _URGENT = frozenset({"orders", "fills", "trades", "account"})
-_STOP = object()
 
 # Columns that must be identical between two replays of the same inputs (determinism check).
 DECISION_COLUMNS = (
@@ -89,15 +90,22 @@ class JournalError(RuntimeError):
 
 
 class Journal:
-    """Batched, threaded SQLite writer. ``record(table, row)`` is cheap and never blocks on disk."""
+    """Batched, threaded SQLite writer. ``record(table, row)`` is cheap and never blocks on disk.
+
+    Rows go into a deque (appending wakes nobody); the writer thread wakes every
+    ``flush_interval_ms``, when ``batch_size`` rows are waiting, or at once for orders and fills.
+    Waking the writer for every row would hand the GIL back and forth on each bar.
+    """
 
     def __init__(self, path: str | Path, batch_size: int = 512, flush_interval_ms: int = 200) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.batch_size = batch_size
         self.flush_interval = flush_interval_ms / 1000.0
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._buf: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Event()
         self._error: BaseException | None = None
+        self._stopping = False
         con = self._connect()
         con.executescript(SCHEMA)
         con.commit()
@@ -135,7 +143,10 @@ class Journal:
     def record(self, table: str, row: tuple[Any, ...]) -> None:
         if self._error is not None:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
-        self._q.put((table, row))
+        buf = self._buf
+        buf.append((table, row))
+        if (table in _URGENT or len(buf) >= self.batch_size) and not self._wake.is_set():
+            self._wake.set()
 
     def finish_run(
         self, run_id: str, status: str, bars: int, bars_rejected: int, report: dict[str, Any]
@@ -151,74 +162,77 @@ class Journal:
         con.close()
 
     def flush(self) -> None:
-        """Block until everything queued so far is committed."""
+        """Block until everything recorded so far is committed."""
         done = threading.Event()
-        self._q.put(("__flush__", done))
+        self._buf.append(("__flush__", done))
+        self._wake.set()
         if not done.wait(timeout=60):
             raise JournalError("journal flush timed out after 60 s")
         if self._error is not None:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
 
     def close(self) -> None:
+        """Write everything recorded and stop the writer."""
         if self._closed:
             return
         self._closed = True
-        self._q.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         self._thread.join(timeout=60)
         if self._error is not None:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
 
     # -- writer thread -------------------------------------------------------------------------
+    def _insert(self, con: sqlite3.Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
+        # One multi-row INSERT per chunk: SQLite runs it in one step, so the GIL is released and
+        # re-taken once per chunk instead of once per row (executemany), which would otherwise
+        # hand the GIL back and forth with the bar loop on every bar.
+        n = _INSERTS[table]
+        per = max(1, _MAX_VARIABLES // n)
+        for s in range(0, len(rows), per):
+            chunk = rows[s : s + per]
+            sql = self._sql.get((table, len(chunk)))
+            if sql is None:
+                one = "(" + ", ".join("?" * n) + ")"
+                sql = self._sql[(table, len(chunk))] = f"INSERT INTO {table} VALUES " + ", ".join(
+                    [one] * len(chunk)
+                )
+            con.execute(sql, list(chain.from_iterable(chunk)))
+
     def _writer(self) -> None:
         con = self._connect()
-        sql = {t: f"INSERT INTO {t} VALUES ({', '.join('?' * n)})" for t, n in _INSERTS.items()}
+        self._sql: dict[tuple[str, int], str] = {}
         pending: dict[str, list[tuple[Any, ...]]] = {t: [] for t in _INSERTS}
-        count = 0
-        deadline = time.monotonic() + self.flush_interval
-
-        def commit() -> None:
-            nonlocal count
-            if count:
-                con.execute("BEGIN")
-                for t, rows in pending.items():
-                    if rows:
-                        con.executemany(sql[t], rows)
-                        rows.clear()
-                con.execute("COMMIT")
-                count = 0
-
+        buf = self._buf
         try:
             while True:
-                timeout = max(0.0, deadline - time.monotonic())
-                try:
-                    item = self._q.get(timeout=timeout)
-                except queue.Empty:
-                    commit()
-                    deadline = time.monotonic() + self.flush_interval
-                    continue
-                if item is _STOP:
-                    commit()
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+                stopping = self._stopping
+                flushes = []
+                while buf:
+                    table, row = buf.popleft()
+                    if table == "__flush__":
+                        flushes.append(row)
+                    else:
+                        pending[table].append(row)
+                if any(pending.values()):
+                    con.execute("BEGIN")
+                    for t, rows in pending.items():
+                        if rows:
+                            self._insert(con, t, rows)
+                            rows.clear()
+                    con.execute("COMMIT")
+                for done in flushes:
+                    done.set()
+                if stopping and not buf:
                     break
-                table, row = item
-                if table == "__flush__":
-                    commit()
-                    row.set()
-                    continue
-                pending[table].append(row)
-                count += 1
-                if count >= self.batch_size or table in _URGENT:
-                    commit()
-                    deadline = time.monotonic() + self.flush_interval
         except BaseException as exc:  # surfaced to the engine on its next record()
             self._error = exc
-            # release anyone waiting on a flush
-            while True:
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, tuple) and item[0] == "__flush__":
-                    item[1].set()
+            while buf:  # release anyone waiting on a flush
+                table, row = buf.popleft()
+                if table == "__flush__":
+                    row.set()
         finally:
             con.close()
 

@@ -69,3 +69,32 @@ def test_a_bad_data_file_is_a_clear_error_not_a_traceback(tmp_path):
     r = trader("replay", "--data", "x.csv", cwd=tmp_path)
     assert r.returncode == 2 and "missing required column 'timestamp'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_after_the_current_bar_and_flushes_the_journal(tmp_path):
+    import signal
+    import time
+
+    e = {k: v for k, v in os.environ.items() if not k.startswith("TRADER_")}
+    proc = subprocess.Popen([sys.executable, "-m", "trader", "replay", "--speed", "3000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+    db = tmp_path / "runs" / "journal.sqlite"
+    deadline = time.monotonic() + 60
+    seen = 0
+    while time.monotonic() < deadline and seen < 50:  # wait until bars are flowing
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                con = sqlite3.connect(db)
+                seen = con.execute("SELECT count(*) FROM decisions").fetchone()[0]
+                con.close()
+            except sqlite3.OperationalError:
+                pass
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped" in out
+    con = sqlite3.connect(db)
+    status, bars = con.execute("SELECT status, bars FROM runs").fetchone()
+    n = con.execute("SELECT count(*) FROM decisions").fetchone()[0]
+    assert status == "stopped" and 50 <= bars < 5520 and n == bars

@@ -55,7 +55,10 @@ class SessionClock:
 
     def session_id(self, ts_ns: int) -> int:
         """Local day number on which the session containing ts ends."""
-        return (self.local_s(ts_ns) - self.session_open_min * 60) // 86400 + 1
+        return self.session_of_local(self.local_s(ts_ns))
+
+    def session_of_local(self, local_s: int) -> int:
+        return (local_s - self.session_open_min * 60) // 86400 + 1
 
     def in_entry_window(self, minute: int) -> bool:
         return self.trade_start_min <= minute < self.trade_end_min

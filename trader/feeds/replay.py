@@ -176,12 +176,19 @@ def load_bars(cfg: DataConfig, paths: Sequence[Path] | None = None) -> RecordedB
 class ReplayFeed:
     """Plays recorded bars as fast as possible (speed 0) or at N times real time."""
 
+    CHUNK = 256
+
     def __init__(self, bars: RecordedBars, speed: float = 0.0) -> None:
         self.recorded = bars
         self.speed = speed
 
-    async def events(self) -> AsyncIterator[tuple[Bar | None, int]]:
-        """Yields (bar, row index); bar is None for a row whose timestamp could not be parsed."""
+    async def batches(self) -> AsyncIterator[list[tuple[Bar | None, int]]]:
+        """Yields lists of (bar, row index); bar is None for a row whose timestamp could not be parsed.
+
+        Unpaced replay hands out chunks (one await per chunk, not per bar) and yields to the event
+        loop between them, so signal handlers and other tasks still run; paced replay yields each
+        bar when its time has come.
+        """
         rb = self.recorded
         ts, o, h, lo, c, v = (
             rb.ts_ns.tolist(),
@@ -191,15 +198,17 @@ class ReplayFeed:
             rb.close.tolist(),
             rb.volume.tolist(),
         )
+        items = [(Bar(t, o[i], h[i], lo[i], c[i], v[i]) if t >= 0 else None, i) for i, t in enumerate(ts)]
+        if self.speed <= 0:
+            for s in range(0, len(items), self.CHUNK):
+                yield items[s : s + self.CHUNK]
+                await asyncio.sleep(0)
+            return
         prev_ts: int | None = None
-        for i in range(len(ts)):
-            t = ts[i]
-            if t < 0:
-                yield None, i
-                continue
-            if self.speed > 0 and prev_ts is not None and t > prev_ts:
-                await asyncio.sleep((t - prev_ts) / 1e9 / self.speed)
-            elif i % 2048 == 0:
-                await asyncio.sleep(0)  # let signal handlers and other tasks run
-            prev_ts = t
-            yield Bar(t, o[i], h[i], lo[i], c[i], v[i]), i
+        for item in items:
+            bar = item[0]
+            if bar is not None:
+                if prev_ts is not None and bar.ts_ns > prev_ts:
+                    await asyncio.sleep((bar.ts_ns - prev_ts) / 1e9 / self.speed)
+                prev_ts = bar.ts_ns
+            yield [item]
