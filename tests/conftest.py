@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from trader.config import BUNDLED_DATA, Settings, load_settings
+from trader.domain import PortfolioSnapshot
 from trader.features.layout import ObservationLayout, build_layout
 from trader.policy import metadata_for
 
@@ -81,6 +82,31 @@ def write_policy(
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def flat(**kw: Any) -> PortfolioSnapshot:
+    """A flat account at the default start (override any field)."""
+    base = dict(
+        position=0,
+        avg_entry=0.0,
+        stop_price=None,
+        trailing=False,
+        at_break_even=False,
+        bars_in_trade=0,
+        unrealized_usd=0.0,
+        balance_usd=50_000.0,
+        equity_usd=50_000.0,
+        peak_equity_usd=50_000.0,
+        drawdown_threshold_usd=47_500.0,
+        daily_pnl_usd=0.0,
+        consecutive_losses=0,
+        recent_win_rate=None,
+        recent_trades=0,
+        mae_usd=0.0,
+        mfe_usd=0.0,
+    )
+    base.update(kw)
+    return PortfolioSnapshot(**base)
 
 
 @pytest.fixture

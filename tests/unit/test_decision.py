@@ -10,11 +10,11 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from tests.conftest import make_settings
+from tests.conftest import flat, make_settings
 from trader.decision.fusion import GuideFusion
 from trader.decision.mask import ActionMasker
 from trader.decision.risk import RiskContext, RiskEngine
-from trader.domain import ENTRY_SIDE_ACTIONS, Action, Advice, PortfolioSnapshot
+from trader.domain import ENTRY_SIDE_ACTIONS, Action, Advice
 from trader.features.clock import SessionClock
 
 ALL = np.ones(6, dtype=bool)
@@ -29,30 +29,6 @@ def advice(action: Action, conf: float) -> Advice:
 
 def fuse(rl: Action, rc: float, adv: Advice | None, mask: np.ndarray = ALL):
     return FUSE.fuse(rl, rc, adv, mask, lambda: None)  # type: ignore[arg-type, return-value]
-
-
-def flat(**kw) -> PortfolioSnapshot:
-    base = dict(
-        position=0,
-        avg_entry=0.0,
-        stop_price=None,
-        trailing=False,
-        at_break_even=False,
-        bars_in_trade=0,
-        unrealized_usd=0.0,
-        balance_usd=50_000.0,
-        equity_usd=50_000.0,
-        peak_equity_usd=50_000.0,
-        drawdown_threshold_usd=47_500.0,
-        daily_pnl_usd=0.0,
-        consecutive_losses=0,
-        recent_win_rate=None,
-        recent_trades=0,
-        mae_usd=0.0,
-        mfe_usd=0.0,
-    )
-    base.update(kw)
-    return PortfolioSnapshot(**base)
 
 
 # -- fusion ---------------------------------------------------------------------------------------
