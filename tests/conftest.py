@@ -21,6 +21,8 @@ NQ = SHARED_NQ if SHARED_NQ.exists() else BUNDLED_DATA
 
 
 def make_settings(**overrides: Any) -> Settings:
+    """Settings from defaults + overrides; the LLM advisor is off unless a test asks for it."""
+    overrides.setdefault("advisor", {"mode": "off"})
     return load_settings(None, overrides)
 
 

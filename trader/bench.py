@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from trader.config import load_settings
+from trader.domain import Bar
 
 SHARED = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "NQ_1min_2023-11-19_2023-12-04.csv"
@@ -47,6 +48,96 @@ def _one(data: Path) -> dict[str, float]:
         "p99_us": float(np.percentile(lat, 99)),
         "max_us": float(lat.max()),
     }
+
+
+def llm_answer_latency(n: int = 12) -> dict[str, object]:
+    """Answer latency of the local GGUF on varied prompts, with and without the KV prefix cache."""
+    from trader.config import load_settings as _ls
+    from trader.llm.backends import LlamaCppBackend
+    from trader.llm.prompts import PLACEHOLDERS
+
+    s = _ls(None)
+    system = s.prompts.system.format(**PLACEHOLDERS)
+    out: dict[str, object] = {}
+    for cache in (True, False):
+        backend = LlamaCppBackend(s.llm_model, prefix_cache=cache)
+        lat, toks = [], []
+        for k in range(n + 1):
+            ctx = dict(PLACEHOLDERS)
+            ctx.update(current_price=16000.0 + 0.25 * k, current_time=f"10:{k % 60:02d}", rsi=40.0 + k)
+            r = backend.complete(system, s.prompts.context_template.format(**ctx), 60.0)
+            if k:  # the first query fills the cache in both cases
+                lat.append(r.latency_s * 1000.0)
+                toks.append(r.completion_tokens / r.latency_s)
+        backend.close()
+        a = np.asarray(lat)
+        out["prefix_cache" if cache else "no_prefix_cache"] = {
+            "p50_ms": round(float(np.percentile(a, 50)), 1),
+            "p95_ms": round(float(np.percentile(a, 95)), 1),
+            "completion_tokens_per_s_incl_prompt": round(float(np.mean(toks)), 1),
+        }
+    return out
+
+
+def llm_bar_path(ms_per_bar: float = 10.0, query_interval: int = 150) -> dict[str, object]:
+    """Per-bar decision latency while an LLM query is in flight vs idle, in the same paced replay."""
+    from trader.engine import build_replay
+
+    settings = load_settings(
+        None,
+        {
+            "advisor": {"mode": "async", "only_when_actionable": False},
+            "fusion": {"query_interval": query_interval},
+            "data": {"end": "2023-11-29T06:00:00", "speed": 60_000.0 / ms_per_bar},
+        },
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_replay(settings, Path(tmp) / "llm.sqlite", advisor_timing="wall")
+        engine = run.engine
+        advisor = engine.advisor
+        busy: list[bool] = []
+        original = engine.on_bar
+
+        async def on_bar(bar: Bar, row: int = -1) -> None:
+            busy.append(advisor._inflight is not None)  # type: ignore[union-attr]
+            await original(bar, row)
+
+        engine.on_bar = on_bar  # type: ignore[method-assign]
+        stats = asyncio.run(engine.run())
+        run.journal.close()
+    lat = np.asarray(stats.latencies_ns, dtype=np.float64) / 1000.0
+    flags = np.asarray(busy[: len(lat)])
+    decided = np.arange(len(lat)) >= settings.features.warmup_bars
+    on, off = lat[decided & flags], lat[decided & ~flags]
+
+    def p(a: np.ndarray, q: float) -> float | None:
+        return round(float(np.percentile(a, q)), 1) if len(a) else None
+
+    ratio = (p(on, 99) or 0) / (p(off, 99) or 1)
+    return {
+        "bars_llm_busy": len(on),
+        "bars_llm_idle": len(off),
+        "queries": advisor.stats.queries if advisor else 0,  # type: ignore[attr-defined]
+        "busy_p50_us": p(on, 50),
+        "busy_p99_us": p(on, 99),
+        "idle_p50_us": p(off, 50),
+        "idle_p99_us": p(off, 99),
+        "p99_ratio_busy_over_idle": round(ratio, 3),
+    }
+
+
+def llm_main() -> int:
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    out = {
+        "benchmark": "llm_small_gguf_cpu",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
+        "answer_latency": llm_answer_latency(),
+        "bar_path_with_llm_async": llm_bar_path(),
+    }
+    print(json.dumps(out, indent=2))
+    return 0
 
 
 def main(data: Path | None = None, repeat: int = 5) -> int:

@@ -19,6 +19,7 @@ import structlog
 from trader import __version__
 from trader.config import ConfigError, Settings, effective_config_toml, load_settings
 from trader.feeds.replay import DataError
+from trader.llm.backends import LLMError
 from trader.policy import PolicyError
 
 T = TypeVar("T")
@@ -51,7 +52,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["policy"] = {"path": str(Path(args.policy).resolve())}
     if getattr(args, "journal", None):
         o["journal"] = {"path": str(Path(args.journal).resolve())}
+    advisor: dict[str, Any] = {}
+    if getattr(args, "llm", None):
+        advisor["mode"] = args.llm
+    if getattr(args, "llm_journal", None):
+        advisor["recorded_journal"] = str(Path(args.llm_journal).resolve())
+    if advisor:
+        o["advisor"] = advisor
     return o
+
+
+def _settings_with_recorded_default(args: argparse.Namespace) -> Settings:
+    """For --llm recorded without --llm-journal, read the answers from this run's journal file."""
+    o = _overrides(args)
+    if o.get("advisor", {}).get("mode") == "recorded" and "recorded_journal" not in o["advisor"]:
+        journal = o.get("journal", {}).get("path") or str(load_settings(args.config).journal.path)
+        o["advisor"]["recorded_journal"] = str(Path(journal).resolve())
+    return load_settings(args.config, o)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -99,12 +116,18 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         progress.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        from trader.report import llm_report
+
         report = build_report(
             engine.stats,
             engine.portfolio.trades,
             settings.account.starting_balance_usd,
             engine.clock,
-            {"run_id": run.run_id, "journal": str(journal.path)},
+            {
+                "run_id": run.run_id,
+                "journal": str(journal.path),
+                "llm": llm_report(engine.advisor, engine.stats, settings.advisor.mode),
+            },
         )
         try:
             journal.finish_run(run.run_id, status, engine.stats.bars, report["bars_rejected"], report)
@@ -131,7 +154,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from trader.logs import configure_logging
 
-    settings = _settings(args)
+    settings = _settings_with_recorded_default(args)
     configure_logging(settings.logging)
     return run_loop(_replay(settings, args))
 
@@ -176,6 +199,14 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_llm_dataset(args: argparse.Namespace) -> int:
+    from trader.llm.dataset import export_dataset
+
+    n = export_dataset(Path(args.journal), Path(args.out), args.run_id, args.horizon)
+    print(f"wrote {n} examples to {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from trader.bench import main as bench_main
 
@@ -202,7 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the equity/drawdown plot (HTML) here")
     p.add_argument("--policy", help="ONNX policy file (default: policy.path)")
     p.add_argument("--speed", type=float, help="0 = as fast as possible, N = N times real time")
+    p.add_argument(
+        "--llm",
+        choices=["off", "sync", "async", "recorded"],
+        help="LLM advisor mode (default: advisor.mode, async)",
+    )
+    p.add_argument("--llm-journal", help="--llm recorded: journal with the answers (default: --journal)")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("llm-dataset", help="export LLM prompt/answer pairs with realised outcomes (JSONL)")
+    p.add_argument("--journal", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--run-id", help="default: every run in the journal")
+    p.add_argument("--horizon", type=int, default=15, help="bars ahead for the realised outcome")
+    p.set_defaults(func=cmd_llm_dataset)
 
     p = sub.add_parser("check-config", help="validate and print the effective configuration")
     common(p)
@@ -230,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trader: {exc}", file=sys.stderr)
         return 2
-    except (DataError, PolicyError) as exc:
+    except (DataError, PolicyError, LLMError) as exc:
         print(f"trader: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

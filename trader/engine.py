@@ -22,12 +22,28 @@ from trader.config import Settings
 from trader.decision.fusion import FusionStrategy, build_fusion
 from trader.decision.mask import ActionMasker
 from trader.decision.risk import RiskContext, RiskEngine, load_rules
-from trader.domain import ACTION_NAMES, N_ACTIONS, Action, Advice, Bar, Decision, Fill, Trade
+from trader.domain import (
+    ACTION_NAMES,
+    N_ACTIONS,
+    Action,
+    Advice,
+    Bar,
+    Decision,
+    Fill,
+    PortfolioSnapshot,
+    Trade,
+)
 from trader.execution.brokers.base import Broker
 from trader.execution.brokers.paper import PaperBroker
 from trader.execution.planner import ExecutionPlanner, Plan
 from trader.execution.portfolio import Portfolio
-from trader.features.observation import AccountFeatures, BulkFeatures, FeatureSource, load_feature_blocks
+from trader.features.observation import (
+    AccountFeatures,
+    BulkFeatures,
+    FeatureSource,
+    MarketContext,
+    load_feature_blocks,
+)
 from trader.features.validation import BarValidator
 from trader.feeds.replay import RecordedBars, ReplayFeed, load_bars
 from trader.journal import Journal
@@ -47,9 +63,29 @@ class Feed(Protocol):
 
 
 class AdviceSource(Protocol):
-    """The LLM advisor as the bar path sees it: a non-blocking read of the latest advice."""
+    """The LLM advisor as the bar path sees it (``trader.llm.advisor.Advisor``).
 
-    def latest(self, bar_index: int, ts_ns: int) -> Advice | None: ...
+    ``on_bar`` returns the latest usable advice (confidence already decayed) and may start a query
+    in its worker thread; it never waits for one except in the replay modes that simulate waiting,
+    and ``sim_wait_s`` says how long those waits took so they are not counted as decision latency.
+    """
+
+    @property
+    def sim_wait_s(self) -> float: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float = 5.0) -> None: ...
+
+    def on_bar(
+        self,
+        i: int,
+        ts_ns: int,
+        rl_confidence: float,
+        snap: PortfolioSnapshot,
+        minute: int,
+        market: Callable[[], MarketContext],
+    ) -> Advice | None: ...
 
 
 @dataclass(slots=True)
@@ -65,6 +101,8 @@ class RunStats:
     position: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     status: str = "running"
+    with_advice: int = 0  # decisions that had usable LLM advice
+    agreements: int = 0  # ... of which RL and LLM named the same action
 
 
 class Engine:
@@ -120,6 +158,8 @@ class Engine:
         stats = self.stats
         t0 = time.perf_counter()
         await self.broker.start()
+        if self.advisor is not None:
+            self.advisor.start()
         try:
             async for batch in self.feed.batches():
                 for bar, row in batch:
@@ -141,6 +181,8 @@ class Engine:
             raise
         finally:
             stats.wall_s = time.perf_counter() - t0
+            if self.advisor is not None:
+                self.advisor.stop()
             await self.broker.stop()
             self._journal_account(stats.ts_ns[-1] if stats.ts_ns else 0, "run_end")
         return stats
@@ -195,10 +237,21 @@ class Engine:
         atr = self.features.atr
         self.account_features.fill(obs, snap, close, atr, pf.daily_trades)
         ready = self.features.ready and i >= self.warmup
+        minute = (local_s // 60) % 1440
+        waited = 0.0
         if ready:
             mask = self.masker.mask(snap, close)
             a, conf, probs = self.policy.act(obs, mask)
-            advice = self.advisor.latest(i, ts) if self.advisor is not None else None
+            advisor = self.advisor
+            if advisor is not None:
+                before = advisor.sim_wait_s
+                advice = advisor.on_bar(i, ts, conf, snap, minute, self.features.context)
+                waited = advisor.sim_wait_s - before
+                if advice is not None:
+                    stats.with_advice += 1
+                    stats.agreements += advice.action == a
+            else:
+                advice = None
             decision = self.fusion.fuse(ACTIONS[a], conf, advice, mask, self.features.context)
         else:
             probs = _WARMUP_PROBS
@@ -206,7 +259,7 @@ class Engine:
             decision = _WARMUP
         ctx = self.ctx
         ctx.ts_ns = ts
-        ctx.minute_of_day = (local_s // 60) % 1440
+        ctx.minute_of_day = minute
         verdict = self.risk.review(decision.action, snap, ctx)
         plan = self.planner.plan(verdict, snap, atr, i)
         if plan is not None:
@@ -216,7 +269,7 @@ class Engine:
             if new_stop is not None:
                 await broker.set_stop(new_stop)
                 pf.set_stop(new_stop)
-        latency = time.perf_counter_ns() - t0
+        latency = time.perf_counter_ns() - t0 - int(waited * 1e9)
         final = verdict.action
         vetoes = verdict.vetoes
         stats.bars += 1
@@ -224,6 +277,15 @@ class Engine:
         m = decision.method
         stats.fusion_methods[m] = stats.fusion_methods.get(m, 0) + 1
         vtxt = None
+        if self.settings.logging.log_decision_fusion and decision.method not in ("warmup", "rl_only"):
+            log.info(
+                "decision_fusion",
+                bar=i,
+                method=decision.method,
+                action=ACTION_NAMES[decision.action],
+                rl=ACTION_NAMES[decision.rl_action],
+                reasons=";".join(decision.reasons),
+            )
         if vetoes:
             for v in vetoes:
                 stats.vetoes[v.rule] = stats.vetoes.get(v.rule, 0) + 1
@@ -360,7 +422,10 @@ class ReplayRun:
 
 
 def build_replay(
-    settings: Settings, journal_path: str | Path | None = None, data_paths: list[Path] | None = None
+    settings: Settings,
+    journal_path: str | Path | None = None,
+    data_paths: list[Path] | None = None,
+    advisor_timing: str = "bar",
 ) -> ReplayRun:
     """Wire a replay from config: data ─▶ bulk features, paper broker, ONNX policy, journal."""
     recorded = load_bars(settings.data, data_paths)
@@ -384,6 +449,11 @@ def build_replay(
         recorded.files,
     )
     rules = load_rules(settings.risk.rules, settings.risk.rule_options, settings)
+    try:
+        advisor = build_advisor(settings, journal, run_id, features.clock, timing=advisor_timing)
+    except BaseException:
+        journal.close()
+        raise
     engine = Engine(
         settings,
         feed=ReplayFeed(recorded, settings.data.speed),
@@ -394,6 +464,7 @@ def build_replay(
         run_id=run_id,
         risk=RiskEngine(settings, features.clock, rules),
         origin=recorded.origin,
+        advisor=advisor,
     )
     structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode="replay")
     log.info(
@@ -405,6 +476,36 @@ def build_replay(
         policy=str(settings.policy.path),
     )
     return ReplayRun(engine, journal, recorded, run_id)
+
+
+def build_advisor(
+    settings: Settings, journal: Journal, run_id: str, clock: object, timing: str
+) -> AdviceSource | None:
+    """The LLM advisor for ``advisor.mode`` (None when off). Loads the model or recorded answers."""
+    mode = settings.advisor.mode
+    if mode == "off":
+        return None
+    from trader.llm.advisor import Advisor, RecordedAnswers
+    from trader.llm.backends import build_backend
+
+    recorded = None
+    backend = None
+    if mode == "recorded":
+        path = settings.advisor.recorded_journal
+        assert path is not None  # checked by config
+        recorded = RecordedAnswers(Path(path), settings.advisor.recorded_run_id)
+    else:
+        backend = build_backend(settings)
+    return Advisor(
+        settings,
+        backend,
+        mode=mode,
+        timing=timing,
+        record=journal.record,
+        run_id=run_id,
+        clock=clock,
+        recorded=recorded,
+    )
 
 
 def _accepted_rows(rb: RecordedBars) -> np.ndarray:

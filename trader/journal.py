@@ -13,6 +13,9 @@ orders          every order intent sent to the broker, with its deterministic cl
 fills           every fill: price, quantity, commission, purpose
 trades          closed round trips with net P&L
 account         account snapshots (after each fill and at the end of the run)
+llm_queries     every LLM query: trigger, backend, prompts and their hash, raw answer, parsed action,
+                stated and logit confidence, the six-action distribution, latency, tokens, error,
+                and the bar from which the answer was usable
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ CREATE TABLE IF NOT EXISTS trades (
     qty INTEGER, entry_price REAL, exit_price REAL, pnl_usd REAL, exit_reason TEXT,
     PRIMARY KEY (run_id, seq)
 );
+CREATE TABLE IF NOT EXISTS llm_queries (
+    run_id TEXT NOT NULL, query_id INTEGER NOT NULL, bar_index INTEGER, ts_ns INTEGER, trigger TEXT,
+    backend TEXT, prompt_hash TEXT, system_prompt TEXT, user_prompt TEXT, raw_answer TEXT,
+    parsed_action TEXT, stated_conf REAL, logit_conf REAL, action_probs TEXT, used_conf REAL,
+    latency_ms REAL, prompt_tokens INTEGER, completion_tokens INTEGER, error TEXT, available_bar INTEGER,
+    PRIMARY KEY (run_id, query_id)
+);
 CREATE TABLE IF NOT EXISTS account (
     run_id TEXT NOT NULL, ts_ns INTEGER, position INTEGER, avg_entry REAL, stop_price REAL,
     balance_usd REAL, equity_usd REAL, peak_equity_usd REAL, threshold_usd REAL, daily_pnl_usd REAL,
@@ -73,9 +83,10 @@ _INSERTS = {
     "fills": 9,
     "trades": 10,
     "account": 12,
+    "llm_queries": 20,
 }
 _MAX_VARIABLES = 8000  # bound parameters per statement (SQLite allows 32766 since 3.32)
-_URGENT = frozenset({"orders", "fills", "trades", "account"})
+_URGENT = frozenset({"orders", "fills", "trades", "account", "llm_queries"})
 
 # Columns that must be identical between two replays of the same inputs (determinism check).
 DECISION_COLUMNS = (

