@@ -104,3 +104,57 @@ def test_ctrl_c_stops_after_the_current_bar_and_flushes_the_journal(tmp_path):
     status, bars = con.execute("SELECT status, bars FROM runs").fetchone()
     n = con.execute("SELECT count(*) FROM decisions").fetchone()[0]
     assert status == "stopped" and 50 <= bars < 5520 and n == bars
+
+
+def test_llm_sync_then_recorded_reproduces_every_decision_and_exports_a_dataset(tmp_path):
+    from trader.journal import DECISION_COLUMNS
+
+    short = ("--to", "2023-11-28T10:40:00", "--speed", "0")
+    sync = trader(
+        "replay", "--llm", "sync", "--journal", "a.sqlite", "--report", "a.json", *short, cwd=tmp_path
+    )
+    assert sync.returncode == 0, sync.stderr
+    assert "LLM queries" in sync.stdout and "agreement with RL" in sync.stdout
+    llm = json.loads((tmp_path / "a.json").read_text())["llm"]
+    assert (
+        llm["mode"] == "sync"
+        and llm["queries"] > 0
+        and llm["answered"] + llm["unparseable"] == llm["queries"]
+    )
+    assert llm["latency_ms"]["p50"] > 0
+
+    rec_args = (
+        "--llm",
+        "recorded",
+        "--llm-journal",
+        "a.sqlite",
+        "--journal",
+        "b.sqlite",
+        "--report",
+        "b.json",
+    )
+    rec = trader("replay", *rec_args, *short, cwd=tmp_path)
+    assert rec.returncode == 0, rec.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["llm"]["recorded_misses"] == 0
+
+    def decisions(db: str) -> list[tuple[object, ...]]:
+        con = sqlite3.connect(tmp_path / db)
+        return con.execute(f"SELECT {DECISION_COLUMNS} FROM decisions ORDER BY bar_index").fetchall()
+
+    a, b = decisions("a.sqlite"), decisions("b.sqlite")
+    assert len(a) == len(b) > 960 and a == b
+    assert any(row[11] is not None for row in a)  # llm_action: advice reached fusion
+
+    ds = trader("llm-dataset", "--journal", "a.sqlite", "--out", "ds.jsonl", cwd=tmp_path)
+    assert ds.returncode == 0, ds.stderr
+    lines = [json.loads(x) for x in (tmp_path / "ds.jsonl").read_text().splitlines()]
+    assert 0 < len(lines) <= llm["answered"] + llm["unparseable"]  # those with a full outcome window
+    assert {"messages", "outcome"} <= set(lines[0])
+
+
+def test_a_missing_model_file_is_a_clear_error_at_start(tmp_path):
+    r = trader(
+        "replay", "--llm", "sync", cwd=tmp_path, env={"TRADER_LLM_MODEL__PATH": str(tmp_path / "no.gguf")}
+    )
+    assert r.returncode == 2 and "no.gguf" in r.stderr and "not found" in r.stderr
+    assert "Traceback" not in r.stderr
