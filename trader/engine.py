@@ -88,6 +88,21 @@ class AdviceSource(Protocol):
     ) -> Advice | None: ...
 
 
+class JournalSink(Protocol):
+    def record(self, table: str, row: tuple[object, ...]) -> None: ...
+
+
+class NullJournal:
+    """Discards records (training environments; nothing there is a trading record)."""
+
+    def record(self, table: str, row: tuple[object, ...]) -> None:
+        pass
+
+
+class Policy(Protocol):
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[int, float, list[float]]: ...
+
+
 @dataclass(slots=True)
 class RunStats:
     bars: int = 0
@@ -112,9 +127,9 @@ class Engine:
         *,
         feed: Feed,
         broker: Broker,
-        policy: OnnxPolicy,
+        policy: Policy,
         features: FeatureSource,
-        journal: Journal,
+        journal: JournalSink,
         run_id: str,
         fusion: FusionStrategy | None = None,
         risk: RiskEngine | None = None,
@@ -149,6 +164,15 @@ class Engine:
         self._reject_seq = 0
         self._stop_requested = False
         self.progress: Callable[[int], None] | None = None
+        # the bar between observe() and decide()
+        self.obs: np.ndarray = np.zeros(features.layout.dim, dtype=np.float32)
+        self.mask: np.ndarray = np.ones(N_ACTIONS, dtype=np.bool_)
+        self.ready = False
+        self._t0 = 0
+        self._i = -1
+        self._bar = Bar(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        self._snap: PortfolioSnapshot = self.portfolio.snapshot()
+        self._minute = 0
 
     def request_stop(self) -> None:
         """Stop after the current bar (signal handlers call this)."""
@@ -216,32 +240,56 @@ class Engine:
         log.warning("bar_rejected", reason=reason, origin=origin)
 
     async def on_bar(self, bar: Bar, row: int = -1) -> None:
+        if not self.observe(bar, row):
+            return
+        if self.ready:
+            a, conf, probs = self.policy.act(self.obs, self.mask)
+            await self.decide(a, conf, probs)
+        else:
+            await self.decide(0, 1.0, _WARMUP_PROBS)
+
+    def observe(self, bar: Bar, row: int = -1) -> bool:
+        """First half of a bar: validate, apply fills and stops, mark the account, build the
+        observation and the action mask. Returns False for a rejected bar (counted, journaled).
+
+        Afterwards ``obs``, ``mask`` and ``ready`` describe the bar awaiting :meth:`decide`; the
+        training environment calls these two halves directly, with its agent's action between them.
+        """
         reason = self.validator.check(bar)
         if reason is not None:
             self._reject(bar, row, reason)
-            return
-        t0 = time.perf_counter_ns()
-        i = self.bar_index
+            return False
+        self._t0 = time.perf_counter_ns()
+        i = self._i = self.bar_index
         self.bar_index = i + 1
+        self._bar = bar
         ts = bar.ts_ns
-        clock, pf, broker, stats = self.clock, self.portfolio, self.broker, self.stats
-        broker.on_bar(bar)
-        fills = broker.drain_fills()
+        clock, pf = self.clock, self.portfolio
+        self.broker.on_bar(bar)
+        fills = self.broker.drain_fills()
         if fills:
             self._apply_fills(fills)
         local_s = clock.local_s(ts)
         pf.mark_bar(bar, clock.session_of_local(local_s))
-        obs = self.features.update(bar)
-        snap = pf.snapshot()
-        close = bar.close
+        obs = self.obs = self.features.update(bar)
+        snap = self._snap = pf.snapshot()
+        self.account_features.fill(obs, snap, bar.close, self.features.atr, pf.daily_trades)
+        self.ready = self.features.ready and i >= self.warmup
+        self._minute = (local_s // 60) % 1440
+        if self.ready:
+            self.mask = self.masker.mask(snap, bar.close)
+        return True
+
+    async def decide(self, a: int, conf: float, probs: list[float]) -> None:
+        """Second half of a bar: the policy's choice (``a`` with confidence ``conf``) ─▶ advice,
+        fusion, risk review, orders, trailing stop, statistics and journal. Ignored during warm-up."""
+        i, bar, snap, minute = self._i, self._bar, self._snap, self._minute
+        ts, close = bar.ts_ns, bar.close
+        pf, broker, stats = self.portfolio, self.broker, self.stats
         atr = self.features.atr
-        self.account_features.fill(obs, snap, close, atr, pf.daily_trades)
-        ready = self.features.ready and i >= self.warmup
-        minute = (local_s // 60) % 1440
         waited = 0.0
-        if ready:
-            mask = self.masker.mask(snap, close)
-            a, conf, probs = self.policy.act(obs, mask)
+        if self.ready:
+            mask = self.mask
             advisor = self.advisor
             if advisor is not None:
                 before = advisor.sim_wait_s
@@ -269,7 +317,7 @@ class Engine:
             if new_stop is not None:
                 await broker.set_stop(new_stop)
                 pf.set_stop(new_stop)
-        latency = time.perf_counter_ns() - t0 - int(waited * 1e9)
+        latency = time.perf_counter_ns() - self._t0 - int(waited * 1e9)
         final = verdict.action
         vetoes = verdict.vetoes
         stats.bars += 1

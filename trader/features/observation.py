@@ -230,6 +230,14 @@ class BulkFeatures:
         self.atr = float(self.atr_col[i])
         return self.rows[i]
 
+    def seek(self, row: int) -> None:
+        """Make ``row`` the next row handed out (training episodes start mid-file)."""
+        if not 0 <= row <= len(self.ts):
+            raise IndexError(f"row {row} outside 0..{len(self.ts)}")
+        self._i = row - 1
+        self.ready = False
+        self.atr = math.nan
+
     @property
     def index(self) -> int:
         """Row of the bar most recently handed out (-1 before the first)."""
