@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from sb3_contrib import MaskablePPO
-from sb3_contrib.common.wrappers import ActionMasker as SB3ActionMasker
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
@@ -186,7 +185,7 @@ def train(
         def _make() -> gym.Env[Any, Any]:
             env = make_env(settings, cfg, data_paths, run_dir)
             env.reset(seed=cfg.seed + i)
-            return Monitor(SB3ActionMasker(env, "action_masks"), str(run_dir / f"monitor_{i}"))
+            return Monitor(env, str(run_dir / f"monitor_{i}"))  # MaskablePPO calls env.action_masks()
 
         return _make
 
