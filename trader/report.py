@@ -51,8 +51,8 @@ def build_report(
         else (None if not len(pnl) else math.inf),
         "avg_trade": round(float(pnl.mean()), 2) if len(pnl) else None,
         "max_drawdown": round(max_dd, 2),
-        "sharpe": _ratio(daily, downside=False),
-        "sortino": _ratio(daily, downside=True),
+        "sharpe": ratio(daily, downside=False),
+        "sortino": ratio(daily, downside=True),
         "trading_days": len(daily),
         "exposure": round(float((pos != 0).mean()), 4) if len(pos) else 0.0,
         "actions": {ACTION_NAMES[i]: n for i, n in enumerate(stats.actions)},
@@ -72,17 +72,23 @@ def build_report(
 
 
 def _daily_returns(stats: RunStats, start_balance: float, clock: SessionClock) -> np.ndarray:
-    if not stats.ts_ns:
+    return daily_returns(stats.ts_ns, stats.equity, start_balance, clock)
+
+
+def daily_returns(ts_ns: Any, equity: Any, start_balance: float, clock: SessionClock) -> np.ndarray:
+    """Return of marked equity over each trading session (its last bar vs the previous one's)."""
+    if not len(ts_ns):
         return np.zeros(0)
-    sess = clock.session_id_batch(np.asarray(stats.ts_ns, dtype=np.int64))
-    eq = np.asarray(stats.equity)
+    sess = clock.session_id_batch(np.asarray(ts_ns, dtype=np.int64))
+    eq = np.asarray(equity, dtype=np.float64)
     last = np.flatnonzero(np.diff(sess) != 0)
     ends = np.concatenate((eq[last], eq[-1:]))
     prev = np.concatenate(([start_balance], ends[:-1]))
     return ends / prev - 1.0
 
 
-def _ratio(r: np.ndarray, downside: bool) -> float | None:
+def ratio(r: np.ndarray, downside: bool) -> float | None:
+    """Sharpe (or Sortino with ``downside``) of per-session returns, annualised with sqrt(252)."""
     if len(r) < 2:
         return None
     mean = float(r.mean())
