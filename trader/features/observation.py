@@ -323,8 +323,8 @@ class AccountFeatures:
             key = (s, daily_trades)
             if self._flat_key is None or self._flat_key[0] is not s or self._flat_key[1] != daily_trades:
                 self._compute(obs, s, close, atr, daily_trades)
-                self._flat_acct[:] = obs[self._acct]
-                self._flat_risk[:] = obs[self._risk]
+                self._flat_acct = obs[self._acct].copy()
+                self._flat_risk = obs[self._risk].copy()  # empty in the 228-feature layout
                 self._flat_key = key
             else:
                 obs[self._acct] = self._flat_acct

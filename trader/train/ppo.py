@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,7 +247,9 @@ def export_onnx(
     dummy = (torch.zeros(1, dim), torch.ones(1, 6, dtype=torch.bool))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.onnx")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter: the dynamo one needs onnxscript and gives the same graph here.
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             net,
             dummy,
