@@ -156,7 +156,7 @@ def trained(tmp_path_factory):
 
 def test_training_writes_logs_checkpoints_and_an_onnx_policy_with_its_provenance(trained):
     d, outs = trained
-    assert "export max abs diff" in outs[0]
+    assert "export check: probabilities max abs diff" in outs[0]
     log = (d / "run1" / "progress.csv").read_text().splitlines()
     header = log[0].split(",")
     for col in ("rollout/ep_rew_mean", "train/entropy_loss", "train/explained_variance"):
@@ -172,6 +172,7 @@ def test_training_writes_logs_checkpoints_and_an_onnx_policy_with_its_provenance
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     for key in ("layout_hash", "feature_names", "action_names", "train_range", "timesteps", "seed", "opset"):
         assert key in meta
+    assert json.loads(meta["export_check"])["probs_max_abs_diff"] <= 1e-5
     assert meta["package_version"] and meta["git_revision"]
     assert json.loads(meta["timesteps"]) == 3072 and json.loads(meta["seed"]) == 7
     assert len(json.loads(meta["feature_names"])) == 261
