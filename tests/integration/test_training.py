@@ -4,6 +4,7 @@ policy the daemon serves (torch vs onnxruntime parity), and held-out evaluation 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sqlite3
 import subprocess
@@ -157,6 +158,9 @@ def trained(tmp_path_factory):
 def test_training_writes_logs_checkpoints_and_an_onnx_policy_with_its_provenance(trained):
     d, outs = trained
     assert "export check: probabilities max abs diff" in outs[0]
+    assert "held-out 2023-11-27T18:00:00-05:00" in outs[0] and "ema_cross" in outs[0]
+    ev = json.loads((d / "run1" / "evaluation.json").read_text())
+    assert set(ev["results"]) == {"policy", "flat", "buy_and_hold", "ema_cross"}
     log = (d / "run1" / "progress.csv").read_text().splitlines()
     header = log[0].split(",")
     for col in ("rollout/ep_rew_mean", "train/entropy_loss", "train/explained_variance"):
@@ -175,6 +179,7 @@ def test_training_writes_logs_checkpoints_and_an_onnx_policy_with_its_provenance
     assert json.loads(meta["export_check"])["probs_max_abs_diff"] <= 1e-5
     assert meta["package_version"] and meta["git_revision"]
     assert json.loads(meta["timesteps"]) == 3072 and json.loads(meta["seed"]) == 7
+    assert json.loads(meta["data_files"]) == {NQ.name: hashlib.sha256(NQ.read_bytes()).hexdigest()}
     assert len(json.loads(meta["feature_names"])) == 261
     assert meta["train_range"] == "2023-11-19T18:00:00 .. 2023-11-27T18:00:00"
     obs = np.random.default_rng(0).normal(size=(5, 261)).astype(np.float32)

@@ -301,12 +301,18 @@ def export_onnx(
     return diff
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
 def training_metadata(cfg: TrainConfig, data_files: tuple[str, ...], timesteps: int) -> dict[str, Any]:
     c = asdict(cfg)
     return {
         "trained_by": "scripts/train_policy (sb3-contrib MaskablePPO on trader.train.env.TradingEnv)",
         "train_range": f"{cfg.train_from} .. {cfg.train_to}",
-        "data_files": json.dumps([Path(f).name for f in data_files]),
+        "data_files": json.dumps({Path(f).name: _sha256(Path(f)) for f in data_files}),
         "timesteps": timesteps,
         "seed": cfg.seed,
         "hidden": list(cfg.hidden),
