@@ -159,6 +159,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return run_loop(_replay(settings, args))
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from trader.logs import configure_logging
+    from trader.service.runner import run_service
+
+    if args.mode == "live":
+        print(
+            "trader: live mode needs the Tradovate feed and broker adapters, which are not built yet; "
+            "use --mode paper",
+            file=sys.stderr,
+        )
+        return 2
+    overrides = _overrides(args)
+    settings = load_settings(args.config, overrides)
+    configure_logging(settings.logging)
+    return run_loop(run_service(settings, args.config, overrides, args.mode, None))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     sys.stdout.write(effective_config_toml(settings))
@@ -240,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--llm-journal", help="--llm recorded: journal with the answers (default: --journal)")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("run", help="run as a service (systemd Type=notify): paper trading, health, control")
+    common(p)
+    p.add_argument("--mode", choices=["paper", "live"], default="paper")
+    p.add_argument("--data", nargs="+", help="recorded bars to trade on (until the live feed exists)")
+    p.add_argument("--from", dest="date_from")
+    p.add_argument("--to", dest="date_to")
+    p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
+    p.add_argument("--speed", type=float, help="bars paced at N times real time (default: data.speed)")
+    p.add_argument("--llm", choices=["off", "sync", "async", "recorded"])
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("llm-dataset", help="export LLM prompt/answer pairs with realised outcomes (JSONL)")
     p.add_argument("--journal", required=True)

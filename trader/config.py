@@ -282,6 +282,22 @@ class JournalConfig(Section):
     flush_interval_ms: Annotated[int, Field(ge=1)] = 200
 
 
+class ServiceConfig(Section):
+    """`trader run`: the health/metrics/control server, stopping, and the watchdog's view of health."""
+
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8787  # 0 = any free port (tests)
+    http_enabled: bool = True
+    # The control endpoints (POST /halt, /resume, /flatten) need "Authorization: Bearer <token>"
+    # with the token from this environment variable; unset = control disabled (403).
+    control_token_env: str = "TRADER_CONTROL_TOKEN"
+    on_stop: Literal["keep", "flatten"] = "keep"  # what SIGTERM does with an open position
+    stop_timeout_s: Positive = 20.0  # must stay below the unit's TimeoutStopSec
+    stuck_bar_s: Positive = 10.0  # one bar taking longer than this = unhealthy (no watchdog ping)
+    stale_bar_multiple: Positive = 3.0  # no bar for this many bar intervals = stale: entries halted
+    bar_interval_s: Positive = 60.0
+
+
 class Settings(BaseSettings):
     """The daemon's whole configuration. Build with :func:`load_settings`."""
 
@@ -303,6 +319,7 @@ class Settings(BaseSettings):
     prompts: PromptsConfig = PromptsConfig()
     logging: LoggingConfig = LoggingConfig()
     journal: JournalConfig = JournalConfig()
+    service: ServiceConfig = ServiceConfig()
 
     @classmethod
     def settings_customise_sources(

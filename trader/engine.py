@@ -164,6 +164,8 @@ class Engine:
         self._reject_seq = 0
         self._stop_requested = False
         self.progress: Callable[[int], None] | None = None
+        self.busy_since = 0.0  # monotonic time the current bar started (0 = between bars)
+        self.last_bar_at = 0.0  # monotonic time the last bar finished
         # the bar between observe() and decide()
         self.obs: np.ndarray = np.zeros(features.layout.dim, dtype=np.float32)
         self.mask: np.ndarray = np.ones(N_ACTIONS, dtype=np.bool_)
@@ -190,7 +192,10 @@ class Engine:
                     if bar is None:
                         self._reject(None, row, "bad_timestamp")
                     else:
+                        self.busy_since = time.monotonic()
                         await self.on_bar(bar, row)
+                        self.last_bar_at = time.monotonic()
+                        self.busy_since = 0.0
                     if self._stop_requested:
                         break
                 if self.progress is not None:
@@ -309,6 +314,8 @@ class Engine:
         ctx.ts_ns = ts
         ctx.minute_of_day = minute
         verdict = self.risk.review(decision.action, snap, ctx)
+        if ctx.flatten and pf.position == 0:
+            ctx.flatten = ""  # an operator's flatten request is done once flat
         plan = self.planner.plan(verdict, snap, atr, i)
         if plan is not None:
             await self._execute(plan, ts, i)
@@ -474,6 +481,7 @@ def build_replay(
     journal_path: str | Path | None = None,
     data_paths: list[Path] | None = None,
     advisor_timing: str = "bar",
+    mode: str = "replay",
 ) -> ReplayRun:
     """Wire a replay from config: data ─▶ bulk features, paper broker, ONNX policy, journal."""
     recorded = load_bars(settings.data, data_paths)
@@ -490,7 +498,7 @@ def build_replay(
     )
     journal.start_run(
         run_id,
-        "replay",
+        mode,
         settings.model_dump_json(),
         str(settings.policy.path),
         features.layout.hash,
@@ -514,7 +522,7 @@ def build_replay(
         origin=recorded.origin,
         advisor=advisor,
     )
-    structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode="replay")
+    structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode=mode)
     log.info(
         "replay_ready",
         bars=len(recorded),

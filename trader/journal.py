@@ -16,6 +16,8 @@ account         account snapshots (after each fill and at the end of the run)
 llm_queries     every LLM query: trigger, backend, prompts and their hash, raw answer, parsed action,
                 stated and logit confidence, the six-action distribution, latency, tokens, error,
                 and the bar from which the answer was usable
+control         every control request (halt, resume, flatten, reload, stop): when, from where,
+                why, and whether it was accepted
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ CREATE TABLE IF NOT EXISTS account (
     balance_usd REAL, equity_usd REAL, peak_equity_usd REAL, threshold_usd REAL, daily_pnl_usd REAL,
     consecutive_losses INTEGER, reason TEXT
 );
+CREATE TABLE IF NOT EXISTS control (
+    run_id TEXT NOT NULL, at TEXT NOT NULL, action TEXT NOT NULL, source TEXT, reason TEXT, result TEXT
+);
 """
 
 _INSERTS = {
@@ -84,9 +89,10 @@ _INSERTS = {
     "trades": 10,
     "account": 12,
     "llm_queries": 20,
+    "control": 6,
 }
 _MAX_VARIABLES = 8000  # bound parameters per statement (SQLite allows 32766 since 3.32)
-_URGENT = frozenset({"orders", "fills", "trades", "account", "llm_queries"})
+_URGENT = frozenset({"orders", "fills", "trades", "account", "llm_queries", "control"})
 
 # Columns that must be identical between two replays of the same inputs (determinism check).
 DECISION_COLUMNS = (

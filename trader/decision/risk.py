@@ -32,6 +32,7 @@ class RiskContext:
     minute_of_day: int
     market: Callable[[], MarketContext]
     halted: bool = False  # operator halt (control API) or stale data
+    flatten: str = ""  # an operator's flatten request (control API, graceful stop): the reason
 
 
 class RiskRule(Protocol):
@@ -109,6 +110,8 @@ class RiskEngine:
         flatten_reason = ""
         if self.kill_switch:
             flatten_reason = "kill_switch"
+        elif ctx.flatten:
+            flatten_reason = ctx.flatten
         elif s.daily_pnl_usd <= -self.daily_loss_limit:
             flatten_reason = "daily_loss_limit"
         elif s.equity_usd <= s.drawdown_threshold_usd:

@@ -73,6 +73,14 @@ class PaperBroker:
             self._stop_seq += 1
             self._fill(f"stop-{bar.ts_ns}-{self._stop_seq}", bar.ts_ns, Side.BUY, -pos, price, "stop")
 
+    def flatten_at(self, intent: OrderIntent, bar: Bar) -> None:
+        """Close the position now at this bar's close, slippage against us (a market order
+        sent between bars, e.g. when the service stops with ``on_stop = flatten``)."""
+        qty = min(intent.qty, abs(self.position))
+        if qty and self.position * int(intent.side) < 0:
+            price = bar.close + self.slip * int(intent.side)
+            self._fill(intent.client_id, bar.ts_ns, intent.side, qty, price, intent.purpose)
+
     def drain_fills(self) -> list[Fill]:
         if not self._fills:
             return []
