@@ -47,6 +47,7 @@ from trader.features.observation import (
 from trader.features.validation import BarValidator
 from trader.feeds.replay import RecordedBars, ReplayFeed, load_bars
 from trader.journal import Journal
+from trader.logs import BAR as _BAR_CLOCK
 from trader.policy import OnnxPolicy
 
 log = structlog.get_logger(__name__)
@@ -268,7 +269,7 @@ class Engine:
         i = self._i = self.bar_index
         self.bar_index = i + 1
         self._bar = bar
-        ts = bar.ts_ns
+        ts = _BAR_CLOCK.ts_ns = bar.ts_ns
         clock, pf = self.clock, self.portfolio
         self.broker.on_bar(bar)
         fills = self.broker.drain_fills()

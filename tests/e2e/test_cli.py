@@ -18,7 +18,7 @@ def trader(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproce
     e = {k: v for k, v in os.environ.items() if not k.startswith("TRADER_")}
     e.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "trader", *args], cwd=cwd, capture_output=True, text=True, env=e, timeout=300
+        [sys.executable, "-m", "trader", *args], cwd=cwd, capture_output=True, text=True, env=e, timeout=900
     )
 
 

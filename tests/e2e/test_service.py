@@ -154,6 +154,7 @@ speed = 3000.0
     assert reload["applied"] == {"fusion.llm_weight": 0.45}
     assert reload["restart_required"] == ["instrument.tick_size"]
     assert all(x.get("run_id") and x.get("mode") == "paper" for x in lines if x.get("event") == "ready")
+    assert reload["run_id"] and reload["mode"] == "paper" and reload["bar_time"].startswith("2023-11-")
     assert TOKEN not in out  # the token never reaches the logs
 
     con = sqlite3.connect(tmp_path / "j.sqlite")
