@@ -362,7 +362,7 @@ class Service:
 async def run_service(
     settings: Settings, config_path: Path | None, overrides: dict[str, Any], mode: str, journal: str | None
 ) -> int:
-    run = build_replay(settings, journal, mode=mode)
+    run = build_replay(settings, journal, mode=mode, advisor_timing="wall")  # live pacing: wall-clock advice
     svc = Service(settings, run, mode, config_path, overrides)
     try:
         return await asyncio.wait_for(svc.main(), timeout=None)
