@@ -173,7 +173,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     settings = load_settings(args.config, overrides)
     configure_logging(settings.logging)
-    return run_loop(run_service(settings, args.config, overrides, args.mode, None))
+    from trader.service.recovery import RecoveryError
+
+    try:
+        return run_loop(run_service(settings, args.config, overrides, args.mode, None, fresh=args.fresh))
+    except RecoveryError as exc:
+        print(f"trader: cannot continue the unfinished run: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -267,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
     p.add_argument("--speed", type=float, help="bars paced at N times real time (default: data.speed)")
     p.add_argument("--llm", choices=["off", "sync", "async", "recorded"])
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new run even if the journal has an unfinished one (default: continue it)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("llm-dataset", help="export LLM prompt/answer pairs with realised outcomes (JSONL)")

@@ -92,11 +92,16 @@ class AdviceSource(Protocol):
 class JournalSink(Protocol):
     def record(self, table: str, row: tuple[object, ...]) -> None: ...
 
+    def commit_point(self) -> None: ...
+
 
 class NullJournal:
-    """Discards records (training environments; nothing there is a trading record)."""
+    """Discards records (training environments, crash-recovery re-drives)."""
 
     def record(self, table: str, row: tuple[object, ...]) -> None:
+        pass
+
+    def commit_point(self) -> None:
         pass
 
 
@@ -385,6 +390,7 @@ class Engine:
                 latency / 1000.0,
             ),
         )
+        self.journal.commit_point()  # this bar's rows are committed together or not at all
 
     async def _execute(self, plan: Plan, ts: int, i: int) -> None:
         pf, broker = self.portfolio, self.broker
@@ -483,6 +489,7 @@ def build_replay(
     data_paths: list[Path] | None = None,
     advisor_timing: str = "bar",
     mode: str = "replay",
+    resume_run_id: str | None = None,
 ) -> ReplayRun:
     """Wire a replay from config: data ─▶ bulk features, paper broker, ONNX policy, journal."""
     recorded = load_bars(settings.data, data_paths)
@@ -493,18 +500,21 @@ def build_replay(
     policy = OnnxPolicy(
         settings.policy.path, features.layout, settings.policy.provider, settings.policy.intra_op_threads
     )
-    run_id = uuid.uuid4().hex
+    run_id = resume_run_id or uuid.uuid4().hex
     journal = Journal(
         journal_path or settings.journal.path, settings.journal.batch_size, settings.journal.flush_interval_ms
     )
-    journal.start_run(
-        run_id,
-        mode,
-        settings.model_dump_json(),
-        str(settings.policy.path),
-        features.layout.hash,
-        recorded.files,
-    )
+    if resume_run_id:
+        journal.resume_run(run_id)
+    else:
+        journal.start_run(
+            run_id,
+            mode,
+            settings.model_dump_json(),
+            str(settings.policy.path),
+            features.layout.hash,
+            recorded.files,
+        )
     rules = load_rules(settings.risk.rules, settings.risk.rule_options, settings)
     try:
         advisor = build_advisor(settings, journal, run_id, features.clock, timing=advisor_timing)

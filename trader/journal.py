@@ -157,6 +157,13 @@ class Journal:
             )
         con.close()
 
+    def commit_point(self) -> None:
+        """Everything recorded before this point may be committed together; rows after it wait
+        for the next point (or a flush). The engine sets one after each bar, so a crash leaves the
+        journal at a bar boundary: a bar's decision, orders, fills, trades and account rows are
+        committed all together or not at all."""
+        self._buf.append(("__point__", None))
+
     def record(self, table: str, row: tuple[Any, ...]) -> None:
         if self._error is not None:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
@@ -168,15 +175,43 @@ class Journal:
     def finish_run(
         self, run_id: str, status: str, bars: int, bars_rejected: int, report: dict[str, Any]
     ) -> None:
+        """Mark the run finished in the same transaction as its last rows (a crash leaves either
+        both or neither)."""
+        self._buf.append(
+            (
+                "__sql__",
+                (
+                    "UPDATE runs SET finished_at=?, status=?, bars=?, bars_rejected=?, report_json=? "
+                    "WHERE run_id=?",
+                    (_now(), status, bars, bars_rejected, json.dumps(report, default=str), run_id),
+                ),
+            )
+        )
         self.flush()
+
+    def resume_run(self, run_id: str) -> None:
         con = self._connect()
         with con:
-            con.execute(
-                "UPDATE runs SET finished_at=?, status=?, bars=?, bars_rejected=?, report_json=? "
-                "WHERE run_id=?",
-                (_now(), status, bars, bars_rejected, json.dumps(report, default=str), run_id),
-            )
+            con.execute("UPDATE runs SET status='running', finished_at=NULL WHERE run_id=?", (run_id,))
         con.close()
+
+    @staticmethod
+    def unfinished_run(path: str | Path, mode: str) -> tuple[str, str] | None:
+        """The latest run of this mode still marked running (the process died): (run_id, config)."""
+        if not Path(path).exists():
+            return None
+        con = sqlite3.connect(path)
+        try:
+            row = con.execute(
+                "SELECT run_id, config_json FROM runs WHERE mode=? AND status='running' "
+                "ORDER BY started_at DESC, rowid DESC LIMIT 1",
+                (mode,),
+            ).fetchone()
+        except sqlite3.OperationalError:
+            row = None
+        finally:
+            con.close()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     def flush(self) -> None:
         """Block until everything recorded so far is committed."""
@@ -220,6 +255,7 @@ class Journal:
         con = self._connect()
         self._sql: dict[tuple[str, int], str] = {}
         pending: dict[str, list[tuple[Any, ...]]] = {t: [] for t in _INSERTS}
+        staged: list[tuple[str, Any]] = []  # recorded after the last commit point
         buf = self._buf
         try:
             while True:
@@ -227,18 +263,36 @@ class Journal:
                 self._wake.clear()
                 stopping = self._stopping
                 flushes = []
+                statements = []
                 while buf:
-                    table, row = buf.popleft()
-                    if table == "__flush__":
-                        flushes.append(row)
+                    item = buf.popleft()
+                    table = item[0]
+                    if table == "__point__":
+                        for t, row in staged:
+                            if t == "__sql__":
+                                statements.append(row)
+                            else:
+                                pending[t].append(row)
+                        staged.clear()
+                    elif table == "__flush__":
+                        flushes.append(item[1])
                     else:
-                        pending[table].append(row)
-                if any(pending.values()):
+                        staged.append(item)
+                if flushes or stopping:  # a flush or the end commits everything recorded so far
+                    for t, row in staged:
+                        if t == "__sql__":
+                            statements.append(row)
+                        else:
+                            pending[t].append(row)
+                    staged.clear()
+                if any(pending.values()) or statements:
                     con.execute("BEGIN")
                     for t, rows in pending.items():
                         if rows:
                             self._insert(con, t, rows)
                             rows.clear()
+                    for sql, params in statements:
+                        con.execute(sql, params)
                     con.execute("COMMIT")
                 for done in flushes:
                     done.set()

@@ -178,9 +178,10 @@ class ReplayFeed:
 
     CHUNK = 256
 
-    def __init__(self, bars: RecordedBars, speed: float = 0.0) -> None:
+    def __init__(self, bars: RecordedBars, speed: float = 0.0, start_row: int = 0) -> None:
         self.recorded = bars
         self.speed = speed
+        self.start_row = start_row  # rows before this were already processed (crash recovery)
 
     async def batches(self) -> AsyncIterator[list[tuple[Bar | None, int]]]:
         """Yields lists of (bar, row index); bar is None for a row whose timestamp could not be parsed.
@@ -199,6 +200,7 @@ class ReplayFeed:
             rb.volume.tolist(),
         )
         items = [(Bar(t, o[i], h[i], lo[i], c[i], v[i]) if t >= 0 else None, i) for i, t in enumerate(ts)]
+        items = items[self.start_row :]
         if self.speed <= 0:
             for s in range(0, len(items), self.CHUNK):
                 yield items[s : s + self.CHUNK]

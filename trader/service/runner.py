@@ -165,6 +165,7 @@ class Service:
     def journal_control(self, action: str, source: str, result: str, reason: str = "") -> None:
         at = datetime.now(UTC).isoformat()
         self.journal.record("control", (self.run.run_id, at, action, source, reason, result))
+        self.journal.commit_point()  # between bars: the journal is consistent here
 
     def control(self, action: str, source: str, reason: str = "") -> dict[str, Any]:
         ctx = self.engine.ctx
@@ -360,12 +361,56 @@ class Service:
 
 
 async def run_service(
-    settings: Settings, config_path: Path | None, overrides: dict[str, Any], mode: str, journal: str | None
+    settings: Settings,
+    config_path: Path | None,
+    overrides: dict[str, Any],
+    mode: str,
+    journal: str | None,
+    fresh: bool = False,
 ) -> int:
-    run = build_replay(settings, journal, mode=mode, advisor_timing="wall")  # live pacing: wall-clock advice
+    """Start, or continue the unfinished run of this mode in the journal (crash recovery)."""
+    from trader.journal import Journal
+    from trader.service.recovery import config_differences, recover
+
+    jpath = Path(journal or settings.journal.path)
+    unfinished = Journal.unfinished_run(jpath, mode)
+    resume = None
+    if unfinished is not None:
+        run_id, old_config = unfinished
+        if fresh:
+            _abandon(jpath, run_id)
+            log.warning("unfinished_run_abandoned", run_id=run_id)
+        else:
+            diffs = config_differences(old_config, settings)
+            if diffs:
+                raise ConfigError(
+                    f"journal {jpath} has an unfinished {mode} run {run_id} made with a different "
+                    f"configuration (differs in: {', '.join(diffs[:10])}); restore that configuration "
+                    "to continue it, or start a new run with --fresh"
+                )
+            resume = run_id
+    run = build_replay(settings, jpath, mode=mode, advisor_timing="wall", resume_run_id=resume)
+    if resume is not None:
+        try:
+            rec = await recover(run)
+        except BaseException:
+            run.journal.close()
+            raise
     svc = Service(settings, run, mode, config_path, overrides)
+    if resume is not None:
+        svc.journal_control("recover", "restart", "accepted", f"continued after bar {rec.last_bar}")
+        svc.journal.commit_point()
     try:
-        return await asyncio.wait_for(svc.main(), timeout=None)
+        return await svc.main()
     except BaseException:
         svc.notifier.stopping("failed")
         raise
+
+
+def _abandon(path: Path, run_id: str) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("UPDATE runs SET status='abandoned' WHERE run_id=?", (run_id,))
+    con.close()
