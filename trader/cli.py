@@ -172,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     overrides = _overrides(args)
     settings = load_settings(args.config, overrides)
-    configure_logging(settings.logging)
+    configure_logging(settings.logging, sys.stdout)  # JSON lines to stdout for journald
     from trader.service.recovery import RecoveryError
 
     try:

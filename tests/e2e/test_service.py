@@ -118,6 +118,7 @@ speed = 3000.0
         assert code == 200 and "trader_bars_total" in text
         assert 'trader_decision_latency_seconds_bucket{le="+Inf"}' in text
         assert re.search(r"trader_equity_usd \d", text)
+        assert re.search(r"trader_fills_total \d", text) and "trader_vetoes_total" in text
         code, state = http("GET", f"{url}/state")
         assert code == 200 and state["mode"] == "paper" and state["bars"] > 0
 

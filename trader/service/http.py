@@ -84,7 +84,7 @@ class EngineCollector(Collector):
         lat = np.asarray(st.latencies_ns, dtype=np.float64) / 1e9
         yield _hist("trader_decision_latency_seconds", "Bar in to order intent out", lat, LATENCY_BUCKETS_S)
         yield counter("trader_orders", "Orders submitted", svc.orders)
-        yield counter("trader_fills", "Fills received", svc.fills)
+        yield counter("trader_fills", "Fills received", eng._fill_seq)
         yield counter("trader_order_rejects", "Orders rejected by the broker", svc.order_rejects)
         g = GaugeMetricFamily("trader_position_contracts", "Signed position", value=pf.position)
         yield g

@@ -77,7 +77,7 @@ class Service:
         self.ready = False
         self.stopping = False
         self.started_at = time.monotonic()
-        self.orders = self.fills = self.order_rejects = 0
+        self.orders = self.order_rejects = 0
         self.reloads = 0
         self._stop_event = asyncio.Event()
         self.watchdog = LoopWatchdog(self.notifier, self.unhealthy, self.status_line)
