@@ -28,7 +28,7 @@ SHARED = (
 def _one(data: Path) -> dict[str, float]:
     from trader.engine import build_replay
 
-    settings = load_settings(None, {"data": {"paths": [str(data)]}})
+    settings = load_settings(None, {"data": {"paths": [str(data)]}, "advisor": {"mode": "off"}})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run = build_replay(settings, Path(tmp) / "bench.sqlite")
