@@ -579,17 +579,9 @@ def _accepted_rows(rb: RecordedBars) -> np.ndarray:
     """The rows the engine's validator will accept (same validator, same order)."""
     v = BarValidator()
     ok = np.zeros(len(rb), dtype=bool)
-    ts, o, h, lo, c, vol = (
-        rb.ts_ns.tolist(),
-        rb.open.tolist(),
-        rb.high.tolist(),
-        rb.low.tolist(),
-        rb.close.tolist(),
-        rb.volume.tolist(),
-    )
-    for i in range(len(ts)):
-        if ts[i] >= 0:
-            ok[i] = v.check(Bar(ts[i], o[i], h[i], lo[i], c[i], vol[i])) is None
+    for bar, i in rb.items():
+        if bar is not None:
+            ok[i] = v.check(bar) is None
     return ok
 
 

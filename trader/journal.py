@@ -263,28 +263,18 @@ class Journal:
                 self._wake.clear()
                 stopping = self._stopping
                 flushes = []
-                statements = []
+                statements: list[tuple[str, tuple[Any, ...]]] = []
                 while buf:
                     item = buf.popleft()
                     table = item[0]
                     if table == "__point__":
-                        for t, row in staged:
-                            if t == "__sql__":
-                                statements.append(row)
-                            else:
-                                pending[t].append(row)
-                        staged.clear()
+                        _release(staged, pending, statements)
                     elif table == "__flush__":
                         flushes.append(item[1])
                     else:
                         staged.append(item)
                 if flushes or stopping:  # a flush or the end commits everything recorded so far
-                    for t, row in staged:
-                        if t == "__sql__":
-                            statements.append(row)
-                        else:
-                            pending[t].append(row)
-                    staged.clear()
+                    _release(staged, pending, statements)
                 if any(pending.values()) or statements:
                     con.execute("BEGIN")
                     for t, rows in pending.items():
@@ -306,6 +296,20 @@ class Journal:
                     row.set()
         finally:
             con.close()
+
+
+def _release(
+    staged: list[tuple[str, Any]],
+    pending: dict[str, list[tuple[Any, ...]]],
+    statements: list[tuple[str, tuple[Any, ...]]],
+) -> None:
+    """Move rows recorded before a commit point into the next transaction."""
+    for table, row in staged:
+        if table == "__sql__":
+            statements.append(row)
+        else:
+            pending[table].append(row)
+    staged.clear()
 
 
 def _now() -> str:

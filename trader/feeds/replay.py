@@ -48,6 +48,18 @@ class RecordedBars:
     def origin(self, i: int) -> str:
         return f"{self.files[self.origin_file[i]]}:{self.origin_line[i]}"
 
+    def items(self) -> list[tuple[Bar | None, int]]:
+        """Every row as (bar, row index); bar is None where the timestamp could not be parsed."""
+        ts, o, h, lo, c, v = (
+            self.ts_ns.tolist(),
+            self.open.tolist(),
+            self.high.tolist(),
+            self.low.tolist(),
+            self.close.tolist(),
+            self.volume.tolist(),
+        )
+        return [(Bar(t, o[i], h[i], lo[i], c[i], v[i]) if t >= 0 else None, i) for i, t in enumerate(ts)]
+
     def bar(self, i: int) -> Bar:
         return Bar(
             int(self.ts_ns[i]),
@@ -190,17 +202,7 @@ class ReplayFeed:
         loop between them, so signal handlers and other tasks still run; paced replay yields each
         bar when its time has come.
         """
-        rb = self.recorded
-        ts, o, h, lo, c, v = (
-            rb.ts_ns.tolist(),
-            rb.open.tolist(),
-            rb.high.tolist(),
-            rb.low.tolist(),
-            rb.close.tolist(),
-            rb.volume.tolist(),
-        )
-        items = [(Bar(t, o[i], h[i], lo[i], c[i], v[i]) if t >= 0 else None, i) for i, t in enumerate(ts)]
-        items = items[self.start_row :]
+        items = self.recorded.items()[self.start_row :]
         if self.speed <= 0:
             for s in range(0, len(items), self.CHUNK):
                 yield items[s : s + self.CHUNK]

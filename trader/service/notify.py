@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from collections.abc import Callable
 
 import structlog
@@ -110,7 +109,3 @@ class LoopWatchdog:
             self._reason = reason
         if self.status is not None:
             self.notifier.status(self.status())
-
-
-def monotonic() -> float:
-    return time.monotonic()

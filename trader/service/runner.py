@@ -29,6 +29,7 @@ import structlog
 
 from trader.config import ConfigError, Settings, load_settings
 from trader.decision.fusion import build_fusion
+from trader.decision.risk import RiskEngine
 from trader.engine import ReplayRun, build_replay
 from trader.service.http import ControlServer
 from trader.service.notify import LoopWatchdog, Notifier
@@ -232,17 +233,7 @@ class Service:
         eng.settings = merged
         if any(k.startswith("fusion.") for k in applied):
             eng.fusion = build_fusion(merged.fusion, merged.fusion.strategy_options)
-        r, risk = merged.risk, eng.risk
-        risk.enable_veto = r.enable_risk_veto
-        risk.kill_switch = r.kill_switch
-        risk.daily_loss_limit = r.daily_loss_limit_usd
-        from trader.decision.risk import ConsecutiveLosses, DrawdownBuffer, MinWinRate
-
-        risk.guide_rules = [
-            ConsecutiveLosses(r.max_consecutive_losses),
-            MinWinRate(r.min_win_rate_threshold, r.win_rate_min_trades),
-            DrawdownBuffer(r.dd_buffer_threshold, merged.account.trailing_drawdown_usd),
-        ]
+        eng.risk = RiskEngine(merged, eng.clock, eng.risk.extra_rules)  # stateless: rebuilt whole
         if eng.advisor is not None:
             eng.advisor.settings = merged  # type: ignore[attr-defined]
 

@@ -170,9 +170,9 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         eng.bar_index = start  # warm-up is counted in rows of the whole file
         self._equity = self._peak = s.account.starting_balance_usd
         self._dd = 0.0
-        pending = self._advance()
+        self._advance()  # to the first bar that needs the agent (reward before it is not the agent's)
         obs = eng.obs.copy() if eng.ready else np.zeros(self.layout.dim, np.float32)
-        return obs, self._info(pending)
+        return obs, self._info()
 
     def step(self, action: np.int64 | int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         eng = self.engine
@@ -181,19 +181,18 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         a = int(action)
         if not eng.mask[a]:
             a = 0  # an illegal action is HOLD (MaskablePPO never samples one)
-        self._decide(a)
+        self._decide(a)  # orders fill on the next bar: equity does not move here
         reward = 0.0
-        reward += self._reward()
         breached = self._breached()
         done = breached or self._row >= self._end
         if not done:
-            reward += self._advance_and_reward()
+            reward = self._advance()
             breached = self._breached()
             done = breached or self._row >= self._end
         if breached:
             reward -= self.reward_cfg.breach_penalty
         obs = eng.obs.copy()
-        return obs, reward, done, False, self._info(False)
+        return obs, reward, done, False, self._info()
 
     def action_masks(self) -> np.ndarray:
         if self.engine is None:
@@ -228,23 +227,15 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
             return True
         return self.skip_idle and eng.portfolio.position == 0 and not self.clock.in_entry_window(eng._minute)
 
-    def _advance(self) -> bool:
-        """Observe rows until one needs the agent (HOLD on idle ones). True if one does."""
+    def _advance(self) -> float:
+        """Observe rows until one needs the agent (HOLD on idle ones); returns their reward."""
         total = 0.0
         while self._observe_next():
             total += self._reward()
-            if self._breached():
+            if self._breached() or not self._idle():
                 break
-            if not self._idle():
-                self._carry = total
-                return True
             self._decide(0)
-        self._carry = total
-        return False
-
-    def _advance_and_reward(self) -> float:
-        self._advance()
-        return self._carry
+        return total
 
     def _reward(self) -> float:
         eng = self.engine
@@ -266,7 +257,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         pf = eng.portfolio
         return pf.balance_usd + pf.unrealized_usd <= pf.threshold_usd
 
-    def _info(self, _pending: bool) -> dict[str, Any]:
+    def _info(self) -> dict[str, Any]:
         eng = self.engine
         assert eng is not None
         pf = eng.portfolio

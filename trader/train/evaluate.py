@@ -114,6 +114,7 @@ def evaluate(
             "data": settings.data.model_copy(update={"start": start, "end": eval_to}),
         }
     )
+    clock = SessionClock(settings.instrument)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("policy", "flat", "ema_cross"):
@@ -136,31 +137,23 @@ def evaluate(
                 float(eq[first_decision - 1]) if first_decision else settings.account.starting_balance_usd
             )
             pnls = [t.pnl_usd for t in eng.portfolio.trades if t.entry_ts_ns >= lo]
-            results[name] = _summary(ts[keep], eq[keep], pnls, start_eq, eng.clock)
-            if name == "policy":
-                results["_range"] = (int(ts[keep][0]), int(ts[keep][-1]), int(keep.sum()))
-                results["_clock"] = eng.clock
-                results["_bars"] = (run.recorded, _accepted_rows(run.recorded))
-    rb, ok = results.pop("_bars")
-    clock = results.pop("_clock")
-    t0, t1, n = results.pop("_range")
-    results["buy_and_hold"] = _buy_and_hold(base, rb, ok, lo, clock)
+            results[name] = _summary(ts[keep], eq[keep], pnls, start_eq, clock)
+    hi = _bound_ns(eval_to, tz)
+    window = (ts_all >= lo) & (ts_all < hi if hi is not None else True)
+    ts_eval, close_eval = ts_all[window], rec.close[acc][window]
+    results["buy_and_hold"] = _buy_and_hold(base, ts_eval, close_eval, clock)
     order = ("policy", "flat", "buy_and_hold", "ema_cross")
     return {
-        "from": _iso(t0, tz),
-        "to": _iso(t1, tz),
-        "bars": n,
+        "from": _iso(int(ts_eval[0]), tz),
+        "to": _iso(int(ts_eval[-1]), tz),
+        "bars": len(ts_eval),
         "policy_path": str(policy_path),
         "results": {k: results[k] for k in order},
     }
 
 
-def _buy_and_hold(s: Settings, rb: Any, ok: np.ndarray, lo: int, clock: SessionClock) -> dict[str, Any]:
+def _buy_and_hold(s: Settings, ts: np.ndarray, close: np.ndarray, clock: SessionClock) -> dict[str, Any]:
     ins = s.instrument
-    ts = rb.ts_ns[ok]
-    close = rb.close[ok]
-    keep = ts >= lo
-    ts, close = ts[keep], close[keep]
     slip = ins.slippage_ticks * ins.tick_size
     entry = close[0] + slip
     start = s.account.starting_balance_usd
