@@ -21,6 +21,7 @@ from trader.config import ConfigError, Settings, effective_config_toml, load_set
 from trader.feeds.replay import DataError
 from trader.llm.backends import LLMError
 from trader.policy import PolicyError
+from trader.tradovate.rest import TradovateError
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -106,6 +107,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, engine.request_stop)
+    assert run.recorded is not None
     progress = _Progress(len(run.recorded))
     engine.progress = progress
     status = "failed"
@@ -163,14 +165,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trader.logs import configure_logging
     from trader.service.runner import run_service
 
-    if args.mode == "live":
-        print(
-            "trader: live mode needs the Tradovate feed and broker adapters, which are not built yet; "
-            "use --mode paper",
-            file=sys.stderr,
-        )
-        return 2
     overrides = _overrides(args)
+    if args.data:  # recorded bars instead of the live feed: paper trading on a replayed market
+        overrides.setdefault("service", {})["feed"] = "recorded"
     settings = load_settings(args.config, overrides)
     configure_logging(settings.logging, sys.stdout)  # JSON lines to stdout for journald
     from trader.service.recovery import RecoveryError
@@ -180,6 +177,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RecoveryError as exc:
         print(f"trader: cannot continue the unfinished run: {exc}", file=sys.stderr)
         return 2
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from trader.feeds.recorder import record
+    from trader.logs import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.logging)
+    n = run_loop(record(settings, Path(args.out), args.max_bars))
+    print(f"recorded {n} bars into {args.out}")
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -267,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run as a service (systemd Type=notify): paper trading, health, control")
     common(p)
     p.add_argument("--mode", choices=["paper", "live"], default="paper")
-    p.add_argument("--data", nargs="+", help="recorded bars to trade on (until the live feed exists)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="trade on these recorded bars paced at --speed instead of the live feed (paper)",
+    )
     p.add_argument("--from", dest="date_from")
     p.add_argument("--to", dest="date_to")
     p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
@@ -279,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a new run even if the journal has an unfinished one (default: continue it)",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("record", help="record live 1-minute bars to Parquet, one file per day (replayable)")
+    common(p)
+    p.add_argument("--out", required=True, help="directory for <symbol>_<YYYY-MM-DD>.parquet")
+    p.add_argument(
+        "--max-bars", type=int, help="stop after this many completed bars (default: run until stopped)"
+    )
+    p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("llm-dataset", help="export LLM prompt/answer pairs with realised outcomes (JSONL)")
     p.add_argument("--journal", required=True)
@@ -313,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trader: {exc}", file=sys.stderr)
         return 2
-    except (DataError, PolicyError, LLMError) as exc:
+    except (DataError, PolicyError, LLMError, TradovateError) as exc:
         print(f"trader: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

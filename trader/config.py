@@ -296,6 +296,41 @@ class ServiceConfig(Section):
     stuck_bar_s: Positive = 10.0  # one bar taking longer than this = unhealthy (no watchdog ping)
     stale_bar_multiple: Positive = 3.0  # no bar for this many bar intervals = stale: entries halted
     bar_interval_s: Positive = 60.0
+    # Where `trader run` takes its bars: the Tradovate market-data WebSocket, or recorded files
+    # (data.paths) paced at data.speed, for paper trading on a replayed market.
+    feed: Literal["tradovate", "recorded"] = "tradovate"
+
+
+class TradovateConfig(Section):
+    """Tradovate (live and paper trading): environment, credentials, the contract, connection
+    timing and reconciliation. ``password`` and ``sec`` are secrets: set them in the environment
+    (``TRADER_TRADOVATE__PASSWORD``, ``TRADER_TRADOVATE__SEC``), never in a file; they are never
+    logged nor journaled."""
+
+    environment: Literal["demo", "live"] = "demo"
+    # Override the environment's endpoints (a local protocol server in tests); "" = the real ones.
+    rest_url: str = ""
+    ws_url: str = ""  # user-data (orders, fills, positions) WebSocket
+    md_url: str = ""  # market-data WebSocket
+    username: str = ""
+    password: SecretStr | None = None
+    app_id: str = "trader"
+    app_version: str = "0.1"
+    cid: Annotated[int, Field(ge=0)] = 0
+    sec: SecretStr | None = None
+    device_id: str = ""  # "" = derived from the host name (stable per machine)
+    symbol: str = "NQZ3"  # the contract to chart and trade (front month; roll it in config)
+    account: str = ""  # account name (spec); "" = the only account the user has
+    renew_before_s: Positive = 600.0  # renew the access token this long before it expires
+    heartbeat_s: Positive = 2.5  # client heartbeat frame interval (the protocol asks for ~2.5 s)
+    server_timeout_s: Positive = 10.0  # no frame from the server this long = dead connection
+    request_timeout_s: Positive = 5.0  # one REST or WebSocket request
+    reconnect_initial_s: Positive = 0.5  # first reconnect wait; doubles, with jitter ...
+    reconnect_max_s: Positive = 30.0  # ... up to this
+    history_bars: Annotated[int, Field(ge=1, le=20000)] = 1200  # bars fetched at start (warm-up)
+    max_requests_per_s: Positive = 20.0  # client-side cap on REST calls
+    order_retry_s: Positive = 10.0  # give up re-sending one order request after this long
+    adopt_broker_state: bool = False  # at a reconcile mismatch: adopt the broker's (True) or halt
 
 
 class Settings(BaseSettings):
@@ -320,6 +355,7 @@ class Settings(BaseSettings):
     logging: LoggingConfig = LoggingConfig()
     journal: JournalConfig = JournalConfig()
     service: ServiceConfig = ServiceConfig()
+    tradovate: TradovateConfig = TradovateConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -378,6 +414,13 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, Any] |
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
         _resolve_relative_paths(file_values, p.resolve().parent)
+        tv = file_values.get("tradovate")
+        for key in ("password", "sec"):
+            if isinstance(tv, dict) and tv.get(key):
+                raise ConfigError(
+                    f"tradovate.{key}: secrets do not belong in a config file ({p}); set "
+                    f"TRADER_TRADOVATE__{key.upper()} in the environment (e.g. the unit's EnvironmentFile)"
+                )
     try:
         settings = Settings(**file_values)
         if overrides:

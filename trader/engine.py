@@ -7,10 +7,11 @@ disk (the journal writes in its own thread) or the LLM (advice is read from a ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -60,7 +61,7 @@ _WARMUP = Decision(Action.HOLD, "warmup", Action.HOLD, 1.0, None, None, ("warmup
 class Feed(Protocol):
     """Bars in time order, in batches (a live feed: batches of one). ``None`` = an unreadable row."""
 
-    def batches(self) -> AsyncIterator[list[tuple[Bar | None, int]]]: ...
+    def batches(self) -> AsyncGenerator[list[tuple[Bar | None, int]], None]: ...
 
 
 class AdviceSource(Protocol):
@@ -170,6 +171,9 @@ class Engine:
         self._reject_seq = 0
         self._stop_requested = False
         self.progress: Callable[[int], None] | None = None
+        self.primed = 0  # warm-up bars taken before the first decided bar (live history)
+        self.journal_bars = False  # live/paper: journal every bar (the recovery source)
+        self._bar_seq = 0
         self.busy_since = 0.0  # monotonic time the current bar started (0 = between bars)
         self.last_bar_at = 0.0  # monotonic time the last bar finished
         # the bar between observe() and decide()
@@ -193,24 +197,29 @@ class Engine:
         if self.advisor is not None:
             self.advisor.start()
         try:
-            async for batch in self.feed.batches():
-                for bar, row in batch:
-                    if bar is None:
-                        self._reject(None, row, "bad_timestamp")
-                    else:
-                        self.busy_since = time.monotonic()
-                        await self.on_bar(bar, row)
-                        self.last_bar_at = time.monotonic()
-                        self.busy_since = 0.0
+            async with contextlib.aclosing(self.feed.batches()) as batches:
+                async for batch in batches:
+                    kind = getattr(self.feed, "batch_kind", "live")
+                    self.ctx.catching_up = kind == "catch_up"
+                    for bar, row in batch:
+                        if bar is None:
+                            self._reject(None, row, "bad_timestamp")
+                        elif kind == "prime":
+                            self.prime(bar)
+                        else:
+                            self.busy_since = time.monotonic()
+                            await self.on_bar(bar, row)
+                            self.last_bar_at = time.monotonic()
+                            self.busy_since = 0.0
+                        if self._stop_requested:
+                            break
+                    if self.progress is not None:
+                        self.progress(stats.bars)
                     if self._stop_requested:
+                        stats.status = "stopped"
                         break
-                if self.progress is not None:
-                    self.progress(stats.bars)
-                if self._stop_requested:
-                    stats.status = "stopped"
-                    break
-            else:
-                stats.status = "completed"
+                else:
+                    stats.status = "completed"
         except BaseException:
             stats.status = "failed"
             raise
@@ -250,6 +259,42 @@ class Engine:
             )
         log.warning("bar_rejected", reason=reason, origin=origin)
 
+    def prime(self, bar: Bar) -> bool:
+        """Warm the indicators with a history bar (live start): validated and featurised, counted
+        toward ``features.warmup_bars``, never decided on or traded."""
+        reason = self.validator.check(bar)
+        if reason is not None:
+            self._reject(bar, -1, reason)
+            return False
+        _BAR_CLOCK.ts_ns = bar.ts_ns
+        self.features.update(bar)
+        self.portfolio.mark_bar(bar, self.clock.session_of_local(self.clock.local_s(bar.ts_ns)))
+        self.primed += 1
+        self._bar = bar
+        if self.journal_bars:
+            self._journal_bar("prime", None, bar)
+            self.journal.commit_point()
+        return True
+
+    def _journal_bar(self, kind: str, i: int | None, b: Bar) -> None:
+        self._bar_seq += 1
+        self.journal.record(
+            "bars",
+            (
+                self.run_id,
+                self._bar_seq,
+                kind,
+                i,
+                b.ts_ns,
+                b.open,
+                b.high,
+                b.low,
+                b.close,
+                b.volume,
+                self._fill_seq,
+            ),
+        )
+
     async def on_bar(self, bar: Bar, row: int = -1) -> None:
         if not self.observe(bar, row):
             return
@@ -280,12 +325,14 @@ class Engine:
         fills = self.broker.drain_fills()
         if fills:
             self._apply_fills(fills)
+        if self.journal_bars:
+            self._journal_bar("bar", i, bar)
         local_s = clock.local_s(ts)
         pf.mark_bar(bar, clock.session_of_local(local_s))
         obs = self.obs = self.features.update(bar)
         snap = self._snap = pf.snapshot()
         self.account_features.fill(obs, snap, bar.close, self.features.atr, pf.daily_trades)
-        self.ready = self.features.ready and i >= self.warmup
+        self.ready = self.features.ready and i + self.primed >= self.warmup
         self._minute = (local_s // 60) % 1440
         if self.ready:
             self.mask = self.masker.mask(snap, bar.close)
@@ -479,7 +526,7 @@ def _num(x: float) -> float | None:
 class ReplayRun:
     engine: Engine
     journal: Journal
-    recorded: RecordedBars
+    recorded: RecordedBars | None  # None: a live feed
     run_id: str
 
 

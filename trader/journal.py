@@ -16,6 +16,9 @@ account         account snapshots (after each fill and at the end of the run)
 llm_queries     every LLM query: trigger, backend, prompts and their hash, raw answer, parsed action,
                 stated and logit confidence, the six-action distribution, latency, tokens, error,
                 and the bar from which the answer was usable
+bars            live/paper runs: every bar taken from the live feed (``prime`` = warm-up history,
+                ``bar`` = decided on) and how many fills had been applied after it, so a restart
+                can re-drive the run exactly
 control         every control request (halt, resume, flatten, reload, stop): when, from where,
                 why, and whether it was accepted
 """
@@ -76,6 +79,11 @@ CREATE TABLE IF NOT EXISTS account (
     balance_usd REAL, equity_usd REAL, peak_equity_usd REAL, threshold_usd REAL, daily_pnl_usd REAL,
     consecutive_losses INTEGER, reason TEXT
 );
+CREATE TABLE IF NOT EXISTS bars (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, bar_index INTEGER, ts_ns INTEGER NOT NULL,
+    open REAL, high REAL, low REAL, close REAL, volume REAL, fills_through INTEGER,
+    PRIMARY KEY (run_id, seq)
+);
 CREATE TABLE IF NOT EXISTS control (
     run_id TEXT NOT NULL, at TEXT NOT NULL, action TEXT NOT NULL, source TEXT, reason TEXT, result TEXT
 );
@@ -90,6 +98,7 @@ _INSERTS = {
     "account": 12,
     "llm_queries": 20,
     "control": 6,
+    "bars": 11,
 }
 _MAX_VARIABLES = 8000  # bound parameters per statement (SQLite allows 32766 since 3.32)
 _URGENT = frozenset({"orders", "fills", "trades", "account", "llm_queries", "control"})

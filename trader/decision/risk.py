@@ -31,7 +31,9 @@ class RiskContext:
     ts_ns: int
     minute_of_day: int
     market: Callable[[], MarketContext]
-    halted: bool = False  # operator halt (control API) or stale data
+    halted: bool = False  # operator halt (control API), stale data, a broker reconcile mismatch
+    halt_reason: str = ""
+    catching_up: bool = False  # a bar from the backfill after a reconnect: too old to enter on
     flatten: str = ""  # an operator's flatten request (control API, graceful stop): the reason
 
 
@@ -131,7 +133,9 @@ class RiskEngine:
 
         vetoes: list[Veto] = []
         if ctx.halted:
-            vetoes.append(Veto("halted", "trading halted"))
+            vetoes.append(Veto("halted", ctx.halt_reason or "trading halted"))
+        if ctx.catching_up:
+            vetoes.append(Veto("catching_up", "backfilled bar after a reconnect"))
         if not self.clock.in_entry_window(ctx.minute_of_day) and action != Action.ENABLE_TRAIL:
             vetoes.append(Veto("trading_hours", f"minute {ctx.minute_of_day} outside the entry window"))
         if (action == Action.BUY and pos >= self.max_contracts) or (

@@ -55,6 +55,20 @@ class Portfolio:
         self._snap_version = -1
         self._snap: PortfolioSnapshot | None = None
 
+    def adopt_position(self, position: int, avg_entry: float, ts_ns: int) -> None:
+        """Take the broker's position as ours (reconciliation with ``adopt_broker_state``). The
+        balance is left as it is: what was realised outside this process is not ours to know."""
+        self.position = position
+        self.avg_entry = avg_entry if position else 0.0
+        self.entry_ts_ns = ts_ns if position else 0
+        self.bars_in_trade = 0
+        self.entry_commission_usd = 0.0
+        self.mae_usd = self.mfe_usd = 0.0
+        if position == 0:
+            self._clear_protection()
+        self._mark(self.last_close or avg_entry)
+        self._version += 1
+
     # -- protection (the working stop, as the broker confirmed it) -----------------------------
     def set_stop(self, price: float | None) -> None:
         if price != self.stop_price:

@@ -9,7 +9,7 @@ column or no header row load by config alone. Naive timestamps are read in ``dat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -195,7 +195,7 @@ class ReplayFeed:
         self.speed = speed
         self.start_row = start_row  # rows before this were already processed (crash recovery)
 
-    async def batches(self) -> AsyncIterator[list[tuple[Bar | None, int]]]:
+    async def batches(self) -> AsyncGenerator[list[tuple[Bar | None, int]], None]:
         """Yields lists of (bar, row index); bar is None for a row whose timestamp could not be parsed.
 
         Unpaced replay hands out chunks (one await per chunk, not per bar) and yields to the event

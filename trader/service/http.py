@@ -97,6 +97,39 @@ class EngineCollector(Collector):
             value=equity - pf.threshold_usd,
         )
         yield GaugeMetricFamily("trader_halted", "1 while entries are halted", value=float(svc.halted))
+        yield GaugeMetricFamily("trader_stale_data", "1 while bars are stale", value=float(svc.stale))
+        feed = eng.feed
+        if hasattr(feed, "reconnects"):
+            f: Any = feed
+            yield GaugeMetricFamily(
+                "trader_feed_connected", "1 while the market-data feed is up", value=float(f.connected)
+            )
+            yield counter("trader_feed_reconnects", "Market-data reconnects", f.reconnects)
+            yield counter("trader_feed_duplicate_bars", "Bar updates dropped as duplicates", f.duplicates)
+            yield counter(
+                "trader_feed_out_of_order_bars", "Bar updates dropped as out of order", f.out_of_order
+            )
+            yield counter(
+                "trader_feed_malformed_frames", "Malformed frames skipped", f.malformed + f.bad_bars
+            )
+        broker: Any = eng.broker
+        if hasattr(broker, "reconciles"):
+            yield GaugeMetricFamily(
+                "trader_broker_connected", "1 while the user-data stream is up", value=float(broker.connected)
+            )
+            yield GaugeMetricFamily(
+                "trader_reconcile_mismatch",
+                "1 while a broker/journal mismatch halts entries",
+                value=float(bool(broker.mismatch)),
+            )
+            yield counter("trader_reconciles", "Reconciliations with the broker", broker.reconciles)
+            yield counter("trader_broker_reconnects", "User-data reconnects", broker.reconnects)
+            yield counter("trader_order_rejects_broker", "Orders refused by the broker", broker.rejects)
+            yield counter(
+                "trader_orders_found_after_ambiguous_send",
+                "Ambiguous sends found placed",
+                broker.adopted_orders,
+            )
         age = svc.last_bar_age_s()
         yield GaugeMetricFamily(
             "trader_last_bar_age_seconds", "Since the last bar finished", value=age or 0.0

@@ -84,6 +84,7 @@ async def recover(run: ReplayRun) -> Recovered:
         raise RecoveryError(f"run {run.run_id}: journal has {len(actions)} decisions for bars 0..{last}")
 
     rb = run.recorded
+    assert rb is not None, "a recorded-bars run"
     saved_journal, saved_advisor = eng.journal, eng.advisor
     eng.journal, eng.advisor = NullJournal(), None
     row = 0

@@ -11,8 +11,10 @@ all within ``service.stop_timeout_s``. SIGHUP: re-read the config file and apply
 are safe to change live (fusion weights and thresholds, risk thresholds, prompts, log channels);
 any other difference is logged as needing a restart and left as it was.
 
-The feed is, for now, recorded bars paced at ``data.speed`` (paper trading on a replayed market);
-the Tradovate live feed and broker plug in here (live/paper issue).
+The feed is Tradovate's market data (``service.feed = "tradovate"``, wired in
+:mod:`trader.service.live`), or recorded bars paced at ``data.speed`` (``"recorded"``: paper
+trading on a replayed market). Entries are halted while data is stale, while the operator says so,
+and while the live broker reports a reconciliation mismatch; each is logged, in /state and metrics.
 """
 
 from __future__ import annotations
@@ -105,11 +107,28 @@ class Service:
         stale = (age if age is not None else since_start) > limit
         if stale != self.stale:
             self.stale = stale
-            self.engine.ctx.halted = self.halted or stale
             if stale:
                 log.warning("stale_data_entries_halted", last_bar_age_s=age, limit_s=limit)
             else:
                 log.info("data_resumed_entries_allowed")
+        self._update_halt()
+
+    def halt_reasons(self) -> list[str]:
+        out = []
+        if self.halted:
+            out.append(self.halt_reason or "operator halt")
+        if self.stale:
+            out.append("stale data")
+        mismatch = getattr(self.engine.broker, "mismatch", None)
+        if mismatch:
+            out.append(str(mismatch))
+        return out
+
+    def _update_halt(self) -> None:
+        reasons = self.halt_reasons()
+        ctx = self.engine.ctx
+        ctx.halted = bool(reasons)
+        ctx.halt_reason = "; ".join(reasons)
 
     def health(self) -> dict[str, Any]:
         reason = self.unhealthy()
@@ -122,9 +141,27 @@ class Service:
             "last_bar_age_s": self.last_bar_age_s(),
             "stale_data": self.stale,
             "halted": self.halted,
-            "feed": {"kind": "replay", "connected": self.ready and not self.stopping},
-            "broker": {"name": self.engine.broker.name, "connected": self.ready and not self.stopping},
+            "halt_reasons": self.halt_reasons(),
+            "feed": self._feed_health(),
+            "broker": {
+                "name": self.engine.broker.name,
+                "connected": bool(getattr(self.engine.broker, "connected", self.ready and not self.stopping)),
+                "mismatch": getattr(self.engine.broker, "mismatch", None),
+            },
             "llm": None if adv is None else self._llm_health(adv),
+        }
+
+    def _feed_health(self) -> dict[str, Any]:
+        f: Any = self.engine.feed
+        if not hasattr(f, "reconnects"):
+            return {"kind": "recorded", "connected": self.ready and not self.stopping}
+        return {
+            "kind": "tradovate",
+            "connected": f.connected,
+            "reconnects": f.reconnects,
+            "duplicates": f.duplicates,
+            "out_of_order": f.out_of_order,
+            "malformed": f.malformed + f.bad_bars,
         }
 
     def _llm_health(self, adv: Any) -> dict[str, Any]:
@@ -151,6 +188,7 @@ class Service:
             "drawdown_threshold_usd": round(pf.threshold_usd, 2),
             "halted": self.halted,
             "halt_reason": self.halt_reason,
+            "entries_halted_by": self.halt_reasons(),
             "stale_data": self.stale,
             "last_bar_age_s": self.last_bar_age_s(),
             "reloads": self.reloads,
@@ -159,7 +197,7 @@ class Service:
     def status_line(self) -> str:
         age = self.last_bar_age_s()
         pos = self.engine.portfolio.position
-        halt = " halted" if self.halted or self.stale else ""
+        halt = " halted" if self.halt_reasons() else ""
         return f"{self.mode}: position {pos:+d}, last bar {'-' if age is None else f'{age:.0f}s'} ago{halt}"
 
     # -- control ------------------------------------------------------------------------------------
@@ -177,7 +215,7 @@ class Service:
         elif action == "flatten":
             self.halted, self.halt_reason = True, reason or "operator flatten"
             ctx.flatten = "operator_flatten"
-        ctx.halted = self.halted or self.stale
+        self._update_halt()
         self.journal_control(action, source, "accepted", reason)
         log.warning("control", action=action, source=source, reason=reason)
         return {"halted": self.halted, "position": self.engine.portfolio.position}
@@ -263,7 +301,7 @@ class Service:
 
         eng.broker.submit = counted_submit  # type: ignore[method-assign]
         status = "failed"
-        watchdog = None
+        watchdog = monitor = None
         try:
             if self.http is not None:
                 await self.http.start()
@@ -271,6 +309,7 @@ class Service:
             self.notifier.ready(self.status_line())
             log.info("ready", mode=self.mode, run_id=self.run.run_id)
             watchdog = asyncio.create_task(self.watchdog.run())
+            monitor = asyncio.create_task(self._monitor())
             task = asyncio.create_task(eng.run())
             stop = asyncio.create_task(self._stop_event.wait())
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -289,14 +328,26 @@ class Service:
             else:
                 status = "stopped"
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watchdog
+            for t in (watchdog, monitor):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
             await self._shutdown(status)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         return 0
+
+    async def _monitor(self) -> None:
+        """Stale data and broker mismatches become entry halts within a second, watchdog or not."""
+        last: list[str] = []
+        while True:
+            await asyncio.sleep(0.5)
+            self._check_stale()
+            now = self.halt_reasons()
+            if now != last:
+                log.warning("entries_halted", reasons=now) if now else log.info("entries_allowed")
+                last = now
 
     async def _shutdown(self, status: str) -> None:
         self.stopping = True
@@ -317,6 +368,9 @@ class Service:
             log.warning("stopping_with_open_position", position=pf.position, stop=pf.stop_price)
         if self.http is not None:
             await self.http.stop()
+        rest = getattr(eng.feed, "rest", None)
+        if rest is not None:
+            await rest.close()
         from trader.report import build_report
 
         report = build_report(eng.stats, pf.trades, self.settings.account.starting_balance_usd, eng.clock)
@@ -380,10 +434,24 @@ async def run_service(
                     "to continue it, or start a new run with --fresh"
                 )
             resume = run_id
-    run = build_replay(settings, jpath, mode=mode, advisor_timing="wall", resume_run_id=resume)
+    live_feed = settings.service.feed == "tradovate"
+    if live_feed:
+        from trader.service.live import build_live, recover_live
+
+        run = build_live(settings, jpath, mode, resume)
+        try:
+            await run.engine.feed.rest.start()  # type: ignore[attr-defined]  # bad credentials: fail now
+        except BaseException:
+            await run.engine.feed.rest.close()  # type: ignore[attr-defined]
+            run.journal.close()
+            raise
+    else:
+        if mode == "live":
+            raise ConfigError("service.feed: live mode needs the live feed (tradovate), not recorded bars")
+        run = build_replay(settings, jpath, mode=mode, advisor_timing="wall", resume_run_id=resume)
     if resume is not None:
         try:
-            rec = await recover(run)
+            rec = await (recover_live(run, mode) if live_feed else recover(run))
         except BaseException:
             run.journal.close()
             raise

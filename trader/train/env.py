@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,7 +271,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
 
 
 class _NoFeed:
-    async def batches(self) -> AsyncIterator[list[tuple[Bar | None, int]]]:
+    async def batches(self) -> AsyncGenerator[list[tuple[Bar | None, int]], None]:
         return
         yield
 

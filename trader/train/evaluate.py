@@ -123,6 +123,7 @@ def evaluate(
             if name == "flat":
                 eng.policy = HoldPolicy()
             elif name == "ema_cross":
+                assert run.recorded is not None
                 close = run.recorded.close[_accepted_rows(run.recorded)]
                 eng.policy = EmaCrossPolicy(close, eng.features)
             try:

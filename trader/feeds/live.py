@@ -1,0 +1,281 @@
+"""Live 1-minute bars from Tradovate's market-data WebSocket (``md/getChart``).
+
+Only completed bars leave this module: chart updates revise the forming bar until a bar with a
+later timestamp starts, and only then is the forming one handed on. Updates for a bar already
+handed on are dropped and counted (``duplicates``), as are updates older than the forming bar
+(``out_of_order``).
+
+Batches carry a kind (:attr:`TradovateFeed.batch_kind`, read by the engine while it consumes the
+batch):
+
+* ``prime``: the history fetched at the first subscription (``tradovate.history_bars``): it warms
+  the indicators and is never traded on;
+* ``catch_up``: bars missed while disconnected (or since the journal's last bar after a restart),
+  fetched through the same chart request from the last bar handed on: the engine decides on them
+  so indicators, stops and statistics stay continuous, but enters nothing on them;
+* ``live``: a bar that just completed.
+
+Any drop (socket error, close frame, server silence) leads to a reconnect with exponential
+back-off and jitter (tenacity), a fresh token if needed, re-authorization and re-subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from trader.config import Settings
+from trader.domain import Bar
+from trader.tradovate.protocol import iso_to_ns, ns_to_iso
+from trader.tradovate.rest import RateLimited, TradovateRest, TransientError
+from trader.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
+
+log = structlog.get_logger(__name__)
+
+RECONNECTABLE = (SocketClosed, TransientError, RateLimited, RequestFailed)
+
+
+class BarAssembler:
+    """Chart updates ─▶ completed bars, each exactly once and in time order."""
+
+    def __init__(self, last_ts_ns: int = -1) -> None:
+        self.last_ts = last_ts_ns  # the last completed bar handed on
+        self.forming: Bar | None = None
+        self.duplicates = 0
+        self.out_of_order = 0
+
+    def update(self, bar: Bar, count: bool = True) -> Bar | None:
+        """Feed one update; returns the bar it completed, if any. ``count=False`` for history
+        (overlap with what was already handed on is expected there)."""
+        if bar.ts_ns <= self.last_ts:
+            if count:
+                if bar.ts_ns == self.last_ts:
+                    self.duplicates += 1
+                else:
+                    self.out_of_order += 1
+            return None
+        f = self.forming
+        if f is None or bar.ts_ns == f.ts_ns:
+            self.forming = bar
+            return None
+        if bar.ts_ns < f.ts_ns:
+            if count:
+                self.out_of_order += 1
+            return None
+        self.forming = bar
+        self.last_ts = f.ts_ns
+        return f
+
+
+def chart_bar(raw: dict[str, Any]) -> Bar:
+    """One element of a chart packet's ``bars`` ─▶ Bar (volume = up + down volume)."""
+    return Bar(
+        iso_to_ns(str(raw["timestamp"])),
+        float(raw["open"]),
+        float(raw["high"]),
+        float(raw["low"]),
+        float(raw["close"]),
+        float(raw.get("upVolume", 0.0)) + float(raw.get("downVolume", 0.0)),
+    )
+
+
+class TradovateFeed:
+    """The engine's Feed for live bars. ``resume_after_ns``: continue after this bar (a restart)."""
+
+    def __init__(self, settings: Settings, rest: TradovateRest, resume_after_ns: int | None = None) -> None:
+        self.cfg = settings.tradovate
+        self.bar_s = settings.data.bar_seconds
+        self.rest = rest
+        self.assembler = BarAssembler(-1 if resume_after_ns is None else resume_after_ns)
+        self.batch_kind = "prime"
+        self.connected = False
+        self.connects = 0
+        self.reconnects = 0
+        self.malformed = 0
+        self.bad_bars = 0
+        self.bars_out = 0
+        self._queue: asyncio.Queue[tuple[str, list[Bar]]] = asyncio.Queue()
+        self._socket: TradovateSocket | None = None
+        self._hist_id: int | None = None
+        self._rt_id: int | None = None
+        self._history: list[Bar] = []
+        self._in_history = False
+        self._resumed = resume_after_ns is not None
+        self.on_connect: Callable[[], None] | None = None
+
+    def resume_after(self, ts_ns: int) -> None:
+        """Continue after this bar (a restart): the first subscription fetches what came since."""
+        self.assembler.last_ts = ts_ns
+        self._resumed = True
+
+    # -- Feed ---------------------------------------------------------------------------------------
+    async def batches(self) -> AsyncGenerator[list[tuple[Bar | None, int]], None]:
+        task = asyncio.create_task(self._maintain(), name="tradovate-md")
+        getter: asyncio.Task[tuple[str, list[Bar]]] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(self._queue.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    task.result()  # the connection task ended: raise its error
+                    return
+                kind, bars = getter.result()
+                self.batch_kind = kind
+                self.bars_out += len(bars)
+                yield [(b, -1) for b in bars]
+        finally:
+            if getter is not None:
+                getter.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await self._close_socket()
+
+    @property
+    def duplicates(self) -> int:
+        return self.assembler.duplicates
+
+    @property
+    def out_of_order(self) -> int:
+        return self.assembler.out_of_order
+
+    # -- connection ---------------------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        await self.rest.start()
+        while True:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(RECONNECTABLE),
+                wait=wait_exponential_jitter(
+                    initial=self.cfg.reconnect_initial_s, max=self.cfg.reconnect_max_s
+                ),
+                before_sleep=lambda rs: log.warning(
+                    "md_reconnect_wait",
+                    attempt=rs.attempt_number,
+                    error=str(rs.outcome.exception()) if rs.outcome else "",
+                ),
+            ):
+                with attempt:
+                    await self._connect_and_subscribe()
+            sock = self._socket
+            assert sock is not None
+            await sock.closed.wait()
+            self.connected = False
+            self.malformed += sock.malformed_frames
+            self.reconnects += 1
+            log.warning("md_connection_lost", reason=sock.close_reason, last_bar=self._last_iso())
+
+    async def _connect_and_subscribe(self) -> None:
+        await self._close_socket()
+        tok = self.rest.token
+        if tok is None or tok.expires_at - self.cfg.renew_before_s < _now():
+            await self.rest.renew()
+            tok = self.rest.token
+        assert tok is not None
+        sock = TradovateSocket(self.rest.md_url, self.cfg, "md", self._on_event)
+        self._socket = sock
+        try:
+            await sock.connect(self.rest.session, tok.md_access.get_secret_value())
+        except SocketClosed:
+            raise
+        except Exception:
+            # authorization refused: the token may have been revoked; a fresh one next attempt
+            await self.rest.authenticate()
+            raise SocketClosed("md: authorization refused; re-authenticated") from None
+        first = self.assembler.last_ts < 0
+        time_range: dict[str, Any] = {"asMuchAsElements": self.cfg.history_bars}
+        if not first:
+            time_range["asFarAsTimestamp"] = ns_to_iso(self.assembler.last_ts)
+        self._history = []
+        self._in_history = True
+        d = await sock.request(
+            "md/getChart",
+            {
+                "symbol": self.cfg.symbol,
+                "chartDescription": {
+                    "underlyingType": "MinuteBar",
+                    "elementSize": self.bar_s // 60 or 1,
+                    "elementSizeUnit": "UnderlyingUnits",
+                    "withHistogram": False,
+                },
+                "timeRange": time_range,
+            },
+        )
+        if not isinstance(d, dict) or "realtimeId" not in d:
+            raise RequestFailed("md/getChart", 200, f"no subscription ids in {str(d)[:80]}")
+        self._hist_id, self._rt_id = d.get("historicalId"), d["realtimeId"]
+        self.connected = True
+        self.connects += 1
+        log.info(
+            "md_subscribed",
+            symbol=self.cfg.symbol,
+            after=self._last_iso(),
+            reconnect=self.connects > 1,
+        )
+        if self.on_connect is not None:
+            self.on_connect()
+
+    async def _close_socket(self) -> None:
+        sock = self._socket
+        if sock is None:
+            return
+        if not sock.closed.is_set() and self._rt_id is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sock.request("md/cancelChart", {"subscriptionId": self._rt_id}), 1.0)
+        await sock.close()
+        self.malformed += sock.malformed_frames
+        sock.malformed_frames = 0
+
+    # -- events -------------------------------------------------------------------------------------
+    def _on_event(self, m: dict[str, Any]) -> None:
+        if m.get("e") != "chart":
+            return
+        for packet in m["d"]["charts"]:
+            pid = packet.get("id")
+            if pid not in (self._hist_id, self._rt_id):
+                continue
+            if packet.get("eoh"):
+                self._end_of_history()
+                continue
+            for raw in packet.get("bars", ()):
+                try:
+                    bar = chart_bar(raw)
+                except (KeyError, TypeError, ValueError) as exc:
+                    self.bad_bars += 1
+                    log.warning("md_bad_bar", error=repr(exc)[:120], bar=str(raw)[:120])
+                    continue
+                if self._in_history:
+                    self._history.append(bar)
+                else:
+                    done = self.assembler.update(bar)
+                    if done is not None:
+                        self._queue.put_nowait(("live", [done]))
+
+    def _end_of_history(self) -> None:
+        if not self._in_history:
+            return
+        self._in_history = False
+        kind = "prime" if self.assembler.last_ts < 0 and not self._resumed else "catch_up"
+        out = []
+        for bar in sorted(self._history, key=lambda b: b.ts_ns):
+            done = self.assembler.update(bar, count=False)
+            if done is not None:
+                out.append(done)
+        self._history = []
+        log.info("md_history", kind=kind, bars=len(out), last_bar=self._last_iso())
+        if out:
+            self._queue.put_nowait((kind, out))
+
+    def _last_iso(self) -> str | None:
+        return None if self.assembler.last_ts < 0 else ns_to_iso(self.assembler.last_ts)
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
