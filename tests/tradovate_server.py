@@ -56,11 +56,12 @@ class Faults:
     slow_after_execute: dict[str, int] = field(default_factory=dict)  # executed, answered too late
     reject_orders: int = 0  # next N new orders refused (failureReason)
     partial_fills: int = 0  # next N market orders fill in two parts
-    stop_heartbeats: bool = False  # md: silence (no heartbeats, no data)
+    stop_heartbeats: bool = False  # md: every connection goes silent (no heartbeats, no data)
     malformed: int = 0  # next N md steps also send a malformed frame
     duplicate_bar: int = 0  # next N completed bars are sent again afterwards
     out_of_order: int = 0  # next N steps also send an old bar
     response_delay_s: float = 0.0
+    refuse_ws: set[str] = field(default_factory=set)  # "md"/"user": connections refused (503)
 
 
 class FakeTradovate:
@@ -102,6 +103,7 @@ class FakeTradovate:
         self.market_running = True
         self._md_subs: dict[web.WebSocketResponse, tuple[int, int]] = {}
         self._dup_pending: Bar | None = None
+        self.silent: set[web.WebSocketResponse] = set()  # md connections that went silent
         self._outbox: dict[web.WebSocketResponse, asyncio.Queue[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -156,6 +158,10 @@ class FakeTradovate:
 
     def drop_md(self) -> None:
         self.call(self._drop, self.md_sockets)
+
+    def silence_md(self) -> None:
+        """The current market-data connections stop sending anything (a dead line that stays open)."""
+        self.call(lambda: self.silent.update(self.md_sockets))
 
     def drop_user(self) -> None:
         self.call(self._drop, self.user_sockets)
@@ -434,7 +440,8 @@ class FakeTradovate:
         if new == 0:  # a flat position cancels the working stops of the contract
             for w in self.orders.values():
                 if (
-                    w["ordStatus"] in ("Working", "Suspended")
+                    w is not o
+                    and w["ordStatus"] in ("Working", "Suspended")
                     and self.versions[w["id"]]["orderType"] == "Stop"
                 ):
                     self._status(w, "Canceled")
@@ -544,7 +551,7 @@ class FakeTradovate:
                     f.out_of_order -= 1
                     old_bar = self._raw(self.bars[self.k - 3])
                 for ws, (_, rid) in list(self._md_subs.items()):
-                    if ws.closed:
+                    if ws.closed or ws in self.silent:
                         continue
                     if malformed:
                         await ws.send_str(malformed)
@@ -591,7 +598,9 @@ class FakeTradovate:
                 self._status(o, "Filled")
 
     # -- WebSocket ----------------------------------------------------------------------------------
-    async def _ws(self, req: web.Request, kind: str) -> web.WebSocketResponse:
+    async def _ws(self, req: web.Request, kind: str) -> web.StreamResponse:
+        if kind in self.faults.refuse_ws:
+            return web.Response(status=503, text="unavailable")
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(req)
         await ws.send_str("o")
@@ -606,7 +615,7 @@ class FakeTradovate:
         async def heartbeats() -> None:
             while not ws.closed:
                 await asyncio.sleep(self.heartbeat_s)
-                if kind == "md" and self.faults.stop_heartbeats:
+                if kind == "md" and (self.faults.stop_heartbeats or ws in self.silent):
                     continue
                 if time.monotonic() - last_rx > self.client_timeout_s:
                     await ws.close(code=1000, message=b"client heartbeat timeout")

@@ -152,7 +152,9 @@ class TradovateFeed:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(RECONNECTABLE),
                 wait=wait_exponential_jitter(
-                    initial=self.cfg.reconnect_initial_s, max=self.cfg.reconnect_max_s
+                    multiplier=self.cfg.reconnect_initial_s,
+                    max=self.cfg.reconnect_max_s,
+                    jitter=self.cfg.reconnect_initial_s,
                 ),
                 before_sleep=lambda rs: log.warning(
                     "md_reconnect_wait",
@@ -193,6 +195,7 @@ class TradovateFeed:
             time_range["asFarAsTimestamp"] = ns_to_iso(self.assembler.last_ts)
         self._history = []
         self._in_history = True
+        self._hist_id = self._rt_id = None
         d = await sock.request(
             "md/getChart",
             {
@@ -237,7 +240,9 @@ class TradovateFeed:
             return
         for packet in m["d"]["charts"]:
             pid = packet.get("id")
-            if pid not in (self._hist_id, self._rt_id):
+            # one chart subscription per socket; its packets can arrive before the response that
+            # names their ids has been read, so unknown ids are accepted until the ids are known
+            if self._rt_id is not None and pid not in (self._hist_id, self._rt_id):
                 continue
             if packet.get("eoh"):
                 self._end_of_history()

@@ -247,7 +247,7 @@ class TradovateRest:
         kinds: tuple[type[BaseException], ...] = (RateLimited, TransientError) if safe else (RateLimited,)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(kinds),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             stop=stop_after_delay(self.cfg.order_retry_s),
             reraise=True,
         ):

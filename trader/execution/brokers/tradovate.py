@@ -226,7 +226,9 @@ class TradovateBroker:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type((SocketClosed, TransientError, RateLimited, RequestFailed)),
                 wait=wait_exponential_jitter(
-                    initial=self.cfg.reconnect_initial_s, max=self.cfg.reconnect_max_s
+                    multiplier=self.cfg.reconnect_initial_s,
+                    max=self.cfg.reconnect_max_s,
+                    jitter=self.cfg.reconnect_initial_s,
                 ),
             ):
                 with attempt:
