@@ -27,7 +27,10 @@ TABLES = {
 def _cmd(tmp: Path, journal: str) -> list[str]:
     cfg = tmp / "c.toml"
     # ~1 ms per bar: the run lasts ~6 s, long enough to be killed many times at random points
-    cfg.write_text('[advisor]\nmode = "off"\n[service]\nhttp_enabled = false\n[data]\nspeed = 60000.0\n')
+    cfg.write_text(
+        '[advisor]\nmode = "off"\n[service]\nhttp_enabled = false\nfeed = "recorded"\n'
+        "[data]\nspeed = 60000.0\n"
+    )
     return [sys.executable, "-m", "trader", "run", "--config", str(cfg), "--journal", str(tmp / journal)]
 
 

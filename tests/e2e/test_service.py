@@ -75,6 +75,7 @@ mode = "off"
 [service]
 http_port = {port}
 stop_timeout_s = 10.0
+feed = "recorded"
 [data]
 end = "2023-11-29T06:00:00"
 speed = 3000.0

@@ -354,6 +354,9 @@ class Service:
         eng = self.engine
         pf = eng.portfolio
         broker = eng.broker
+        late = broker.drain_fills()  # fills that arrived after the last bar: journal them too
+        if late:
+            eng._apply_fills(late)
         # working entry orders are cancelled; exits stay
         pending = getattr(broker, "pending", None)
         if pending:

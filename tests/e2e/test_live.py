@@ -1,0 +1,228 @@
+"""`trader run --mode paper|live` and `trader record` as a user runs them, against the local
+Tradovate protocol server (tests/tradovate_server.py) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.tradovate_server import PASSWORD, SEC, FakeTradovate, shared_bars
+from trader.tradovate.protocol import ns_to_iso
+
+BARS = shared_bars()
+START = next(i for i, b in enumerate(BARS) if ns_to_iso(b.ts_ns) >= "2023-11-28T14:40")
+
+
+def write_config(tmp: Path, fake: FakeTradovate, extra: str = "") -> Path:
+    tv = fake.config()
+    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in tv.items())
+    cfg = tmp / "trader.toml"
+    cfg.write_text(
+        f'[advisor]\nmode = "off"\n[service]\nhttp_enabled = false\nstop_timeout_s = 10.0\n'
+        f"[tradovate]\n{lines}\nhistory_bars = 1000\n{extra}\n"
+    )
+    return cfg
+
+
+def start(cfg: Path, journal: Path, mode: str, *extra: str) -> subprocess.Popen[str]:
+    env = os.environ | {"TRADER_TRADOVATE__PASSWORD": PASSWORD, "TRADER_TRADOVATE__SEC": SEC}
+    cmd = [
+        sys.executable,
+        "-m",
+        "trader",
+        "run",
+        "--mode",
+        mode,
+        "--config",
+        str(cfg),
+        "--journal",
+        str(journal),
+    ]
+    return subprocess.Popen(
+        [*cmd, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def decided(journal: Path) -> int:
+    if not journal.exists():
+        return 0
+    con = sqlite3.connect(journal)
+    try:
+        return con.execute("SELECT count(*) FROM decisions").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
+def run_until(
+    proc: subprocess.Popen[str], journal: Path, bars: int, during: object = None
+) -> tuple[str, str]:
+    end = time.monotonic() + 120
+    fired = False
+    while decided(journal) < bars and time.monotonic() < end and proc.poll() is None:
+        if during is not None and not fired and decided(journal) >= bars // 2:
+            during()  # type: ignore[operator]
+            fired = True
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def test_paper_mode_trades_live_bars_and_a_restart_continues_the_paper_account(tmp_path):
+    fake = FakeTradovate(BARS, START, step_s=0.08).start()
+    try:
+        cfg = write_config(tmp_path, fake)
+        journal = tmp_path / "paper.sqlite"
+        run_until(start(cfg, journal, "paper"), journal, 60)
+        con = sqlite3.connect(journal)
+        ((run_id, status),) = con.execute("SELECT run_id, status FROM runs").fetchall()
+        first_bars = con.execute("SELECT count(*) FROM decisions").fetchone()[0]
+        primed = con.execute("SELECT count(*) FROM bars WHERE kind='prime'").fetchone()[0]
+        con.close()
+        assert status == "stopped" and START - 1 <= primed < 1000 and first_bars >= 60
+        assert fake.placed("/order/placeorder") == [] and fake.placed("/order/placeoso") == []  # paper
+
+        # kill -9 in the middle of a second run, then start again: the same paper run continues
+        con = sqlite3.connect(journal)
+        con.execute("UPDATE runs SET status='running'")  # as if the first run had been killed
+        con.commit()
+        con.close()
+        out, _ = run_until(start(cfg, journal, "paper"), journal, first_bars + 40)
+        con = sqlite3.connect(journal)
+        runs = con.execute("SELECT run_id, status FROM runs").fetchall()
+        ts = [r[0] for r in con.execute("SELECT ts_ns FROM decisions ORDER BY bar_index")]
+        idx = [r[0] for r in con.execute("SELECT bar_index FROM decisions ORDER BY bar_index")]
+        catch_up = con.execute("SELECT count(*) FROM decisions WHERE vetoes LIKE '%catching_up%'").fetchone()[
+            0
+        ]
+        con.close()
+        assert runs == [(run_id, "stopped")]  # one run, continued
+        assert '"event": "recovered"' in out
+        assert ts == sorted(set(ts)) and idx == list(range(len(idx)))  # no bar twice, none lost
+        i0 = next(i for i, b in enumerate(BARS) if b.ts_ns == ts[0])
+        assert ts == [b.ts_ns for b in BARS[i0 : i0 + len(ts)]]  # the bars missed while down were caught up
+        assert catch_up >= 1
+    finally:
+        fake.stop()
+
+
+def test_live_mode_routes_orders_survives_drops_and_never_logs_credentials(tmp_path):
+    fake = FakeTradovate(BARS, START, step_s=0.1).start()
+    try:
+        cfg = write_config(tmp_path, fake)
+        journal = tmp_path / "live.sqlite"
+
+        def faults() -> None:
+            fake.drop_md()
+            fake.drop_user()
+            fake.faults.http_5xx["/order/placeoso"] = 1
+            fake.faults.penalties["/order/placeorder"] = 1
+
+        out, err = run_until(start(cfg, journal, "live"), journal, 120, faults)
+        con = sqlite3.connect(journal)
+        orders = {r[0] for r in con.execute("SELECT client_id FROM orders")}
+        fills = con.execute("SELECT client_id, side, qty, price FROM fills ORDER BY seq").fetchall()
+        last_pos = con.execute("SELECT position FROM decisions ORDER BY bar_index DESC LIMIT 1").fetchone()[0]
+        journal_text = "\n".join(
+            str(r) for t in ("runs", "control") for r in con.execute(f"SELECT * FROM {t}")
+        )
+        con.close()
+        sent = [c["clOrdId"] for c in fake.commands if c.get("clOrdId")]
+        entries = [c for c in sent if not c.endswith("-stop")]
+        assert entries, "no orders reached the broker"
+        assert len(entries) == len(set(entries))  # no client id placed twice
+        assert set(entries) <= orders  # every order at the broker is journaled
+        broker_fills = [f for f in fake.fills]
+        assert len(fills) == len(broker_fills)  # every execution reached the journal
+        assert sum(s * q for _, s, q, _ in fills) == fake.net_pos
+        assert abs(last_pos) <= 1
+        assert '"event": "md_connection_lost"' in out and '"event": "user_connection_lost"' in out
+        assert '"why": "reconnect"' in out  # reconciled after the reconnect
+        tokens = list(fake.tokens)
+        for text in (out, err, journal_text):
+            for secret in (PASSWORD, SEC, *tokens):
+                assert secret not in text
+    finally:
+        fake.stop()
+
+
+def test_live_mode_with_bad_credentials_exits_2_naming_the_user(tmp_path):
+    fake = FakeTradovate(BARS, START).start()
+    try:
+        cfg = write_config(tmp_path, fake)
+        env = os.environ | {"TRADER_TRADOVATE__PASSWORD": "not-the-password", "TRADER_TRADOVATE__SEC": SEC}
+        cmd = [sys.executable, "-m", "trader", "run", "--mode", "live", "--config", str(cfg)]
+        cmd += ["--journal", str(tmp_path / "j.sqlite")]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2
+        assert "trader-test" in p.stderr and "Incorrect username or password" in p.stderr
+        assert "not-the-password" not in p.stderr + p.stdout
+    finally:
+        fake.stop()
+
+
+def test_record_writes_daily_parquet_that_replay_reads(tmp_path):
+    fake = FakeTradovate(BARS, START, step_s=0.03).start()
+    try:
+        cfg = write_config(tmp_path, fake)
+        env = os.environ | {"TRADER_TRADOVATE__PASSWORD": PASSWORD, "TRADER_TRADOVATE__SEC": SEC}
+        out_dir = tmp_path / "rec"
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "trader",
+                "record",
+                "--config",
+                str(cfg),
+                "--out",
+                str(out_dir),
+                "--max-bars",
+                "1030",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        files = sorted(out_dir.glob("NQZ3_*.parquet"))
+        assert len(files) == 2  # the history crosses midnight (exchange time)
+        import polars as pl
+
+        df = pl.concat([pl.read_parquet(f) for f in files])
+        ts = df["timestamp"].dt.epoch("ns").to_list()
+        assert len(ts) >= 1030 and ts == sorted(set(ts))
+        i0 = next(i for i, b in enumerate(BARS) if b.ts_ns == ts[0])
+        assert [b.close for b in BARS[i0 : i0 + len(ts)]] == df["close"].to_list()
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "trader",
+                "replay",
+                "--llm",
+                "off",
+                "--journal",
+                str(tmp_path / "r.sqlite"),
+                "--data",
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        con = sqlite3.connect(tmp_path / "r.sqlite")
+        n = con.execute("SELECT bars FROM runs").fetchone()[0]
+        assert n == len(ts)
+    finally:
+        fake.stop()
