@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from trader.config import load_settings
-from trader.domain import Bar
+from trader.engine import Engine, RunStats
 
 SHARED = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "NQ_1min_2023-11-19_2023-12-04.csv"
@@ -26,7 +26,7 @@ SHARED = (
 
 
 def _one(data: Path) -> dict[str, float]:
-    from trader.engine import build_replay
+    from trader.wiring import build_replay
 
     settings = load_settings(None, {"data": {"paths": [str(data)]}, "advisor": {"mode": "off"}})
     with tempfile.TemporaryDirectory() as tmp:
@@ -34,7 +34,7 @@ def _one(data: Path) -> dict[str, float]:
         run = build_replay(settings, Path(tmp) / "bench.sqlite")
         setup = time.perf_counter() - t0
         t1 = time.perf_counter()
-        stats = asyncio.run(run.engine.run())
+        stats = asyncio.run(_run(run.engine))
         run.journal.close()  # the journal's last batch is part of the work
         wall = time.perf_counter() - t1
     lat = np.asarray(stats.latencies_ns, dtype=np.float64) / 1000.0
@@ -48,6 +48,12 @@ def _one(data: Path) -> dict[str, float]:
         "p99_us": float(np.percentile(lat, 99)),
         "max_us": float(lat.max()),
     }
+
+
+async def _run(engine: Engine) -> RunStats:
+    stats = await engine.run()
+    await engine.close()
+    return stats
 
 
 def llm_answer_latency(n: int = 12) -> dict[str, object]:
@@ -81,7 +87,7 @@ def llm_answer_latency(n: int = 12) -> dict[str, object]:
 
 def llm_bar_path(ms_per_bar: float = 10.0, query_interval: int = 150) -> dict[str, object]:
     """Per-bar decision latency while an LLM query is in flight vs idle, in the same paced replay."""
-    from trader.engine import build_replay
+    from trader.wiring import build_replay
 
     settings = load_settings(
         None,
@@ -95,19 +101,12 @@ def llm_bar_path(ms_per_bar: float = 10.0, query_interval: int = 150) -> dict[st
         run = build_replay(settings, Path(tmp) / "llm.sqlite", advisor_timing="wall")
         engine = run.engine
         advisor = engine.advisor
-        busy: list[bool] = []
-        original = engine.on_bar
-
-        async def on_bar(bar: Bar, row: int = -1) -> None:
-            busy.append(advisor._inflight is not None)  # type: ignore[union-attr]
-            await original(bar, row)
-
-        engine.on_bar = on_bar  # type: ignore[method-assign]
-        stats = asyncio.run(engine.run())
+        stats = asyncio.run(_run(engine))
         run.journal.close()
     lat = np.asarray(stats.latencies_ns, dtype=np.float64) / 1000.0
-    flags = np.asarray(busy[: len(lat)])
     decided = np.arange(len(lat)) >= settings.features.warmup_bars
+    flags = np.zeros(len(lat), dtype=bool)
+    flags[decided] = np.asarray(stats.llm_busy, dtype=bool)[: int(decided.sum())]
     on, off = lat[decided & flags], lat[decided & ~flags]
 
     def p(a: np.ndarray, q: float) -> float | None:

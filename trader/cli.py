@@ -17,11 +17,8 @@ from typing import Any, TypeVar
 import structlog
 
 from trader import __version__
-from trader.config import ConfigError, Settings, effective_config_toml, load_settings
-from trader.feeds.replay import DataError
-from trader.llm.backends import LLMError
-from trader.policy import PolicyError
-from trader.tradovate.rest import TradovateError
+from trader.config import Settings, effective_config_toml, load_settings
+from trader.errors import TraderError
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -50,7 +47,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if data:
         o["data"] = data
     if getattr(args, "policy", None):
-        o["policy"] = {"path": str(Path(args.policy).resolve())}
+        from trader.policy import is_dotted
+
+        o["policy"] = {"path": args.policy if is_dotted(args.policy) else str(Path(args.policy).resolve())}
     if getattr(args, "journal", None):
         o["journal"] = {"path": str(Path(args.journal).resolve())}
     advisor: dict[str, Any] = {}
@@ -99,8 +98,8 @@ class _Progress:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from trader.engine import build_replay
     from trader.report import build_report, format_table, write_json, write_plot_html
+    from trader.wiring import build_replay
 
     run = build_replay(settings)
     engine, journal = run.engine, run.journal
@@ -116,6 +115,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         status = stats.status
     finally:
         progress.close()
+        await engine.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         from trader.report import llm_report
@@ -163,20 +163,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from trader.logs import configure_logging
-    from trader.service.runner import run_service
+    from trader.service.supervisor import run_service
 
     overrides = _overrides(args)
     if args.data:  # recorded bars instead of the live feed: paper trading on a replayed market
         overrides.setdefault("service", {})["feed"] = "recorded"
     settings = load_settings(args.config, overrides)
     configure_logging(settings.logging, sys.stdout)  # JSON lines to stdout for journald
-    from trader.service.recovery import RecoveryError
-
-    try:
-        return run_loop(run_service(settings, args.config, overrides, args.mode, None, fresh=args.fresh))
-    except RecoveryError as exc:
-        print(f"trader: cannot continue the unfinished run: {exc}", file=sys.stderr)
-        return 2
+    return run_loop(run_service(settings, args.config, overrides, args.mode, None, fresh=args.fresh))
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -200,14 +194,14 @@ def cmd_features(args: argparse.Namespace) -> int:
     import numpy as np
     import polars as pl
 
-    from trader.engine import _accepted_rows
     from trader.execution.portfolio import Portfolio
     from trader.features.observation import AccountFeatures, BulkFeatures, load_feature_blocks
     from trader.feeds.replay import load_bars
+    from trader.wiring import accepted_rows
 
     settings = _settings(args)
     rb = load_bars(settings.data)
-    ok = _accepted_rows(rb)
+    ok = accepted_rows(rb)
     cols = {k: getattr(rb, k)[ok] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
     feats = BulkFeatures(settings, cols, load_feature_blocks(settings.features.custom_blocks))
     # account columns describe a flat account at the starting balance (they depend on trading)
@@ -262,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
     p.add_argument("--report", help="write the report as JSON here (plot next to it as .html)")
     p.add_argument("--plot", help="write the equity/drawdown plot (HTML) here")
-    p.add_argument("--policy", help="ONNX policy file (default: policy.path)")
+    p.add_argument(
+        "--policy",
+        help="ONNX policy file, or module:attr of a Python policy, e.g. strategies.rules:EmaCross "
+        "(default: policy.path)",
+    )
     p.add_argument("--speed", type=float, help="0 = as fast as possible, N = N times real time")
     p.add_argument(
         "--llm",
@@ -288,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fresh",
         action="store_true",
-        help="start a new run even if the journal has an unfinished one (default: continue it)",
+        help="start a new account (the journal's previous run of this mode is marked abandoned); "
+        "default: continue it, whether it crashed, stopped or failed",
     )
     p.set_defaults(func=cmd_run)
 
@@ -330,10 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"trader: {exc}", file=sys.stderr)
-        return 2
-    except (DataError, PolicyError, LLMError, TradovateError) as exc:
+    except TraderError as exc:
         print(f"trader: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,13 +19,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from trader.errors import ConfigError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DATA = PACKAGE_DIR / "data" / "NQ_1min_2023-11-27_2023-12-01.csv"
 BUNDLED_POLICY = PACKAGE_DIR / "data" / "policy.onnx"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message names the key path."""
 
 
 def _unit_interval(v: float) -> float:
@@ -125,7 +123,9 @@ class FeaturesConfig(Section):
 
 
 class PolicyConfig(Section):
+    # an ONNX file, or "module:attr" naming a Python policy called with (settings, **options)
     path: Path = BUNDLED_POLICY
+    options: dict[str, Any] = Field(default_factory=dict)
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: Annotated[int, Field(ge=1)] = 1
 
@@ -296,6 +296,9 @@ class ServiceConfig(Section):
     stuck_bar_s: Positive = 10.0  # one bar taking longer than this = unhealthy (no watchdog ping)
     stale_bar_multiple: Positive = 3.0  # no bar for this many bar intervals = stale: entries halted
     bar_interval_s: Positive = 60.0
+    # The broker's connection down longer than this = unhealthy (entries are halted by its
+    # reconcile until it is back; this makes the watchdog and /healthz say so).
+    broker_down_limit_s: Positive = 120.0
     # Where `trader run` takes its bars: the Tradovate market-data WebSocket, or recorded files
     # (data.paths) paced at data.speed, for paper trading on a replayed market.
     feed: Literal["tradovate", "recorded"] = "tradovate"
@@ -434,6 +437,8 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, Any] |
 
 def _resolve_relative_paths(values: dict[str, Any], base: Path) -> None:
     def fix(v: Any) -> Any:
+        if isinstance(v, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", v):
+            return v  # "module:attr" (a Python policy), not a file
         if isinstance(v, str) and v and not Path(v).is_absolute():
             return str((base / v).resolve())
         return v

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Action(enum.IntEnum):
@@ -189,9 +193,96 @@ class PortfolioSnapshot:
     mfe_usd: float
 
 
-@dataclass(slots=True)
-class Counters:
-    """Mutable run counters (only the engine writes them)."""
+@dataclass(frozen=True, slots=True)
+class MarketContext:
+    """Market facts for prompts and risk plug-ins (prices in points, ATR in points)."""
 
-    bars: int = 0
-    bars_rejected: dict[str, int] = field(default_factory=dict)
+    ts_ns: int
+    close: float
+    atr: float
+    adx: float
+    plus_di: float
+    minus_di: float
+    rsi: float
+    macd: float
+    vwap: float
+    vwap_distance_atr: float
+    momentum_pct: float
+    support: float
+    resistance: float
+    volatility_regime: float
+    minute_of_day: int
+    extras: tuple[tuple[str, float], ...] = ()
+
+
+class BatchKind(enum.Enum):
+    """How the engine treats a batch of bars from a feed."""
+
+    PRIME = "prime"  # history before the first decided bar: warms the indicators, never traded
+    CATCH_UP = "catch_up"  # bars missed while disconnected: decided on, entries vetoed
+    LIVE = "live"  # decided on and traded
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """One bar between ``Engine.observe`` and ``Engine.decide``: what the policy sees.
+
+    ``obs`` and ``mask`` are the engine's preallocated buffers (valid until the next bar; copy to
+    keep them). ``ready`` is False during warm-up, when no policy is asked."""
+
+    index: int  # decided-bar index in the run
+    bar: Bar
+    minute_of_day: int  # exchange-local minute
+    snapshot: PortfolioSnapshot
+    obs: np.ndarray
+    mask: np.ndarray
+    ready: bool
+    t0_ns: int  # perf_counter_ns when the bar arrived (decision latency starts here)
+
+
+class PolicyChoice(NamedTuple):
+    """A policy's answer: the action, its probability, and all six probabilities."""
+
+    action: int
+    confidence: float
+    probs: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRejected:
+    """The broker refused an order (counted, journaled as an account note, never retried)."""
+
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerProblem:
+    """Something the broker could not do that leaves its state uncertain (entries halt until a
+    reconcile agrees again); ``text`` says what."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """What the broker says it holds, for :func:`trader.execution.reconcile.compare`."""
+
+    why: str  # "start", "reconnect"
+    position: int
+    avg_price: float
+    working_stop: float | None
+    unknown_orders: tuple[int, ...]  # working orders at the broker that no run of ours placed
+
+
+BrokerEvent = Fill | OrderRejected | BrokerProblem | ReconcileReport
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentHealth:
+    """A feed's or broker's health as /healthz and the watchdog see it."""
+
+    kind: str
+    connected: bool
+    disconnected_s: float = 0.0  # how long it has been down (0 while connected)
+    counters: tuple[tuple[str, int], ...] = ()

@@ -1,113 +1,80 @@
-"""The engine: one bar in ─▶ validated, featurised, decided, risk-reviewed, executed, journaled.
+"""The engine: the bar loop. One bar in ─▶ validated, featurised, decided, risk-reviewed, executed,
+journaled, in DESIGN's numbered steps (see :meth:`Engine.on_bar`).
 
-The same code serves replay, paper and live; only the feed, broker and feature source differ,
-and :func:`build_replay` wires them for replay in one place. The hot path never waits on the
-disk (the journal writes in its own thread) or the LLM (advice is read from a cache).
+The same code serves replay, paper and live; every component arrives built and complete from
+:mod:`trader.wiring`. The hot path never waits on the disk (the journal writes in its own thread)
+or the LLM (advice is read from a cache). The broker never calls back: it reports fills,
+refusals and reconcile results as events, which the engine applies at the start of each bar.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import structlog
 
 from trader.config import Settings
-from trader.decision.fusion import FusionStrategy, build_fusion
+from trader.controls import Controls
 from trader.decision.mask import ActionMasker
-from trader.decision.risk import RiskContext, RiskEngine, load_rules
+from trader.decision.risk import RiskEngine
 from trader.domain import (
     ACTION_NAMES,
     N_ACTIONS,
     Action,
     Advice,
     Bar,
+    BatchKind,
+    BrokerEvent,
+    BrokerProblem,
     Decision,
     Fill,
-    PortfolioSnapshot,
-    Trade,
+    Observed,
+    OrderIntent,
+    OrderKind,
+    OrderRejected,
+    PolicyChoice,
+    ReconcileReport,
+    Side,
+    Verdict,
 )
-from trader.execution.brokers.base import Broker
-from trader.execution.brokers.paper import PaperBroker
+from trader.execution import reconcile
 from trader.execution.planner import ExecutionPlanner, Plan
 from trader.execution.portfolio import Portfolio
-from trader.features.observation import (
-    AccountFeatures,
-    BulkFeatures,
-    FeatureSource,
-    MarketContext,
-    load_feature_blocks,
-)
+from trader.features.observation import AccountFeatures
 from trader.features.validation import BarValidator
-from trader.feeds.replay import RecordedBars, ReplayFeed, load_bars
-from trader.journal import Journal
+from trader.journal import rows
+from trader.journal.rows import Row
 from trader.logs import BAR as _BAR_CLOCK
-from trader.policy import OnnxPolicy
+from trader.ports import AdviceSource, Broker, FeatureSource, Feed, FusionStrategy, JournalSink, Policy
 
 log = structlog.get_logger(__name__)
 
 ACTIONS = tuple(Action)
-_WARMUP_PROBS = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+WARMUP_CHOICE = PolicyChoice(0, 1.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 _WARMUP = Decision(Action.HOLD, "warmup", Action.HOLD, 1.0, None, None, ("warmup",))
 
 
-class Feed(Protocol):
-    """Bars in time order, in batches (a live feed: batches of one). ``None`` = an unreadable row."""
-
-    def batches(self) -> AsyncGenerator[list[tuple[Bar | None, int]], None]: ...
-
-
-class AdviceSource(Protocol):
-    """The LLM advisor as the bar path sees it (``trader.llm.advisor.Advisor``).
-
-    ``on_bar`` returns the latest usable advice (confidence already decayed) and may start a query
-    in its worker thread; it never waits for one except in the replay modes that simulate waiting,
-    and ``sim_wait_s`` says how long those waits took so they are not counted as decision latency.
-    """
-
-    @property
-    def sim_wait_s(self) -> float: ...
-
-    def start(self) -> None: ...
-
-    def stop(self, timeout_s: float = 5.0) -> None: ...
-
-    def on_bar(
-        self,
-        i: int,
-        ts_ns: int,
-        rl_confidence: float,
-        snap: PortfolioSnapshot,
-        minute: int,
-        market: Callable[[], MarketContext],
-    ) -> Advice | None: ...
-
-
-class JournalSink(Protocol):
-    def record(self, table: str, row: tuple[object, ...]) -> None: ...
-
-    def commit_point(self) -> None: ...
-
-
 class NullJournal:
-    """Discards records (training environments, crash-recovery re-drives)."""
+    """Discards records (training environments)."""
 
-    def record(self, table: str, row: tuple[object, ...]) -> None:
+    def record(self, row: Row) -> None:
         pass
 
     def commit_point(self) -> None:
         pass
 
 
-class Policy(Protocol):
-    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[int, float, list[float]]: ...
+@dataclass(frozen=True, slots=True)
+class DecisionParts:
+    """What a config reload may change, swapped together (:meth:`Engine.reload`)."""
+
+    settings: Settings
+    fusion: FusionStrategy
+    risk: RiskEngine
 
 
 @dataclass(slots=True)
@@ -125,9 +92,18 @@ class RunStats:
     status: str = "running"
     with_advice: int = 0  # decisions that had usable LLM advice
     agreements: int = 0  # ... of which RL and LLM named the same action
+    orders: int = 0  # order intents sent to the broker
+    fills: int = 0  # fills applied (the journal's fill sequence)
+    order_rejects: int = 0  # orders the broker refused
+    llm_busy: list[bool] = field(default_factory=list)  # per decided bar: an LLM query was in flight
 
 
 class Engine:
+    """The bar loop. Public surface: :meth:`run`, :meth:`on_bar` (and its halves :meth:`observe`
+    / :meth:`decide`, which the training environment drives), :meth:`prime`, :meth:`redrive`
+    (recovery), :meth:`apply_broker_events`, :meth:`flatten_now`, :meth:`close`,
+    :meth:`reload`, :meth:`journal_control` and read-only properties for /state and metrics."""
+
     def __init__(
         self,
         settings: Settings,
@@ -138,73 +114,75 @@ class Engine:
         features: FeatureSource,
         journal: JournalSink,
         run_id: str,
-        fusion: FusionStrategy | None = None,
-        risk: RiskEngine | None = None,
+        fusion: FusionStrategy,
+        risk: RiskEngine,
+        controls: Controls,
         advisor: AdviceSource | None = None,
-        origin: Callable[[int], str] | None = None,
+        journal_bars: bool = False,
+        adopt_broker_state: bool = False,
+        first_index: int = 0,
     ) -> None:
         self.settings = settings
-        self.feed, self.broker, self.policy, self.features, self.journal = (
-            feed,
-            broker,
-            policy,
-            features,
-            journal,
-        )
+        self.feed = feed
+        self.broker = broker
+        self.policy = policy
+        self.features = features
+        self.journal = journal
         self.run_id = run_id
+        self.fusion = fusion
+        self.risk = risk
+        self.controls = controls
+        self.advisor = advisor
+        self.journal_bars = journal_bars  # service runs journal every bar (the recovery source)
+        self.adopt_broker_state = adopt_broker_state
         self.clock = features.clock  # type: ignore[attr-defined]
         self.portfolio = Portfolio(settings)
         self.masker = ActionMasker(settings)
         self.account_features = AccountFeatures(settings, features.layout)
-        self.fusion = fusion or build_fusion(settings.fusion, settings.fusion.strategy_options)
-        self.risk = risk or RiskEngine(settings, self.clock)
         self.planner = ExecutionPlanner(settings, run_id)
-        self.advisor = advisor
         self.validator = BarValidator()
-        self.origin = origin or (lambda i: f"row {i}")
         self.warmup = settings.features.warmup_bars
-        self.ctx = RiskContext(0, 0, features.context)
         self.stats = RunStats()
-        self.bar_index = 0
-        self._fill_seq = 0
-        self._trade_seq = 0
-        self._reject_seq = 0
-        self._stop_requested = False
-        self.progress: Callable[[int], None] | None = None
+        self.bar_index = first_index  # index of the next decided bar
         self.primed = 0  # warm-up bars taken before the first decided bar (live history)
-        self.journal_bars = False  # live/paper: journal every bar (the recovery source)
-        self._bar_seq = 0
+        self.progress: Callable[[int], None] | None = None
         self.busy_since = 0.0  # monotonic time the current bar started (0 = between bars)
         self.last_bar_at = 0.0  # monotonic time the last bar finished
-        # the bar between observe() and decide()
-        self.obs: np.ndarray = np.zeros(features.layout.dim, dtype=np.float32)
-        self.mask: np.ndarray = np.ones(N_ACTIONS, dtype=np.bool_)
-        self.ready = False
-        self._t0 = 0
-        self._i = -1
-        self._bar = Bar(0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        self._snap: PortfolioSnapshot = self.portfolio.snapshot()
-        self._minute = 0
+        self.last_bar: Bar | None = None
+        self._trade_seq = 0
+        self._reject_seq = 0
+        self._bar_seq = 0
+        self._stop_requested = False
+        self._catching_up = False
+        self._redriving = False  # recovery: no journal, no advisor
+        self._given_fills: list[Fill] | None = None  # recovery of a live run: the journaled fills
+        # the preallocated buffers an Observed points at
+        self._obs: np.ndarray = np.zeros(features.layout.dim, dtype=np.float32)
+        self._mask: np.ndarray = np.ones(N_ACTIONS, dtype=np.bool_)
 
+    # -- run ----------------------------------------------------------------------------------------
     def request_stop(self) -> None:
         """Stop after the current bar (signal handlers call this)."""
         self._stop_requested = True
 
     async def run(self) -> RunStats:
+        """Consume the feed until it ends or a stop is requested. The broker is started here and
+        stopped by :meth:`close`."""
         stats = self.stats
         t0 = time.perf_counter()
         await self.broker.start()
+        self.apply_broker_events()  # the reconcile report at start, fills missed while down
         if self.advisor is not None:
             self.advisor.start()
         try:
-            async with contextlib.aclosing(self.feed.batches()) as batches:
+            async with contextlib.aclosing(self.feed.batches()) as batches:  # type: ignore[type-var]
                 async for batch in batches:
-                    kind = getattr(self.feed, "batch_kind", "live")
-                    self.ctx.catching_up = kind == "catch_up"
-                    for bar, row in batch:
+                    kind = batch.kind
+                    self._catching_up = kind is BatchKind.CATCH_UP
+                    for bar, row in batch.items:
                         if bar is None:
                             self._reject(None, row, "bad_timestamp")
-                        elif kind == "prime":
+                        elif kind is BatchKind.PRIME:
                             self.prime(bar)
                         else:
                             self.busy_since = time.monotonic()
@@ -227,37 +205,37 @@ class Engine:
             stats.wall_s = time.perf_counter() - t0
             if self.advisor is not None:
                 self.advisor.stop()
-            await self.broker.stop()
-            self._journal_account(stats.ts_ns[-1] if stats.ts_ns else 0, "run_end")
         return stats
 
-    def _reject(self, bar: Bar | None, row: int, reason: str) -> None:
-        rej = self.stats.rejected
-        rej[reason] = rej.get(reason, 0) + 1
-        self._reject_seq += 1
-        origin = self.origin(row)
-        if bar is None:
-            self.journal.record(
-                "bars_rejected",
-                (self.run_id, self._reject_seq, None, origin, reason, None, None, None, None, None),
+    async def close(self, flatten: bool = False, reason: str = "flatten:on_stop") -> None:
+        """End of a run: apply late fills, cancel working entry orders (exits stay), flatten if
+        asked, stop the broker, journal the final account."""
+        self.apply_broker_events()
+        for cid in await self.broker.cancel_entries():
+            log.info("entry_cancelled", client_id=cid)
+        if flatten and self.portfolio.position != 0:
+            await self.flatten_now(reason)
+        elif self.portfolio.position != 0:
+            log.warning(
+                "stopping_with_open_position",
+                position=self.portfolio.position,
+                stop=self.portfolio.stop_price,
             )
-        else:
-            self.journal.record(
-                "bars_rejected",
-                (
-                    self.run_id,
-                    self._reject_seq,
-                    bar.ts_ns,
-                    origin,
-                    reason,
-                    _num(bar.open),
-                    _num(bar.high),
-                    _num(bar.low),
-                    _num(bar.close),
-                    _num(bar.volume),
-                ),
-            )
-        log.warning("bar_rejected", reason=reason, origin=origin)
+        await self.broker.stop()
+        self.apply_broker_events()
+        ts = self.stats.ts_ns[-1] if self.stats.ts_ns else 0
+        self._record(rows.account(self.run_id, ts, self.portfolio.snapshot(), "run_end"))
+        self._commit()
+
+    # -- one bar ------------------------------------------------------------------------------------
+    async def on_bar(self, bar: Bar, row: int = -1) -> None:
+        """DESIGN's steps: 1-4 :meth:`observe` (validate, fills, features, snapshot, mask);
+        5 the policy; 6-11 :meth:`decide` (advice, fusion, risk, plan, broker, journal)."""
+        o = self.observe(bar, row)
+        if o is None:
+            return
+        choice = self.policy.act(o) if o.ready else WARMUP_CHOICE
+        await self.decide(o, choice)
 
     def prime(self, bar: Bar) -> bool:
         """Warm the indicators with a history bar (live start): validated and featurised, counted
@@ -270,114 +248,93 @@ class Engine:
         self.features.update(bar)
         self.portfolio.mark_bar(bar, self.clock.session_of_local(self.clock.local_s(bar.ts_ns)))
         self.primed += 1
-        self._bar = bar
+        self.last_bar = bar
         if self.journal_bars:
             self._journal_bar("prime", None, bar)
-            self.journal.commit_point()
+            self._commit()
         return True
 
-    def _journal_bar(self, kind: str, i: int | None, b: Bar) -> None:
-        self._bar_seq += 1
-        self.journal.record(
-            "bars",
-            (
-                self.run_id,
-                self._bar_seq,
-                kind,
-                i,
-                b.ts_ns,
-                b.open,
-                b.high,
-                b.low,
-                b.close,
-                b.volume,
-                self._fill_seq,
-            ),
-        )
-
-    async def on_bar(self, bar: Bar, row: int = -1) -> None:
-        if not self.observe(bar, row):
-            return
-        if self.ready:
-            a, conf, probs = self.policy.act(self.obs, self.mask)
-            await self.decide(a, conf, probs)
-        else:
-            await self.decide(0, 1.0, _WARMUP_PROBS)
-
-    def observe(self, bar: Bar, row: int = -1) -> bool:
-        """First half of a bar: validate, apply fills and stops, mark the account, build the
-        observation and the action mask. Returns False for a rejected bar (counted, journaled).
-
-        Afterwards ``obs``, ``mask`` and ``ready`` describe the bar awaiting :meth:`decide`; the
-        training environment calls these two halves directly, with its agent's action between them.
-        """
-        reason = self.validator.check(bar)
+    def observe(self, bar: Bar, row: int = -1) -> Observed | None:
+        """Steps 1-4: validate the bar, apply the broker's events, mark the account, build the
+        observation and the action mask. None for a rejected bar (counted, journaled)."""
+        reason = self.validator.check(bar)  # 1
         if reason is not None:
             self._reject(bar, row, reason)
-            return False
-        self._t0 = time.perf_counter_ns()
-        i = self._i = self.bar_index
+            return None
+        t0 = time.perf_counter_ns()
+        i = self.bar_index
         self.bar_index = i + 1
-        self._bar = bar
+        self.last_bar = bar
         ts = _BAR_CLOCK.ts_ns = bar.ts_ns
         clock, pf = self.clock, self.portfolio
-        self.broker.on_bar(bar)
-        fills = self.broker.drain_fills()
-        if fills:
-            self._apply_fills(fills)
+        given = self._given_fills
+        if given is None:
+            self.broker.on_bar(bar)
+            self.apply_broker_events()
+        elif given:
+            self._apply_fills(given)
+        self.controls.bar_arrived()
         if self.journal_bars:
             self._journal_bar("bar", i, bar)
         local_s = clock.local_s(ts)
         pf.mark_bar(bar, clock.session_of_local(local_s))
-        obs = self.obs = self.features.update(bar)
-        snap = self._snap = pf.snapshot()
+        obs = self.features.update(bar)  # 2
+        if obs is not self._obs:
+            self._obs = obs
+        snap = pf.snapshot()  # 3
         self.account_features.fill(obs, snap, bar.close, self.features.atr, pf.daily_trades)
-        self.ready = self.features.ready and i + self.primed >= self.warmup
-        self._minute = (local_s // 60) % 1440
-        if self.ready:
-            self.mask = self.masker.mask(snap, bar.close)
-        return True
+        ready = self.features.ready and i + self.primed >= self.warmup
+        if ready:
+            self._mask = self.masker.mask(snap, bar.close)  # 4
+        return Observed(i, bar, (local_s // 60) % 1440, snap, obs, self._mask, ready, t0)
 
-    async def decide(self, a: int, conf: float, probs: list[float]) -> None:
-        """Second half of a bar: the policy's choice (``a`` with confidence ``conf``) ─▶ advice,
-        fusion, risk review, orders, trailing stop, statistics and journal. Ignored during warm-up."""
-        i, bar, snap, minute = self._i, self._bar, self._snap, self._minute
-        ts, close = bar.ts_ns, bar.close
-        pf, broker, stats = self.portfolio, self.broker, self.stats
-        atr = self.features.atr
+    async def decide(self, o: Observed, choice: PolicyChoice) -> None:
+        """Steps 6-11 for an observed bar and the policy's choice: advice, fusion, risk review,
+        orders, trailing stop, statistics and journal. During warm-up the choice is ignored."""
+        i, bar, snap = o.index, o.bar, o.snapshot
+        a, conf, probs = choice
+        pf, stats = self.portfolio, self.stats
         waited = 0.0
-        if self.ready:
-            mask = self.mask
-            advisor = self.advisor
-            if advisor is not None:
+        advice: Advice | None = None
+        if o.ready:
+            advisor = None if self._redriving else self.advisor
+            if advisor is not None:  # 6
+                stats.llm_busy.append(advisor.busy)
                 before = advisor.sim_wait_s
-                advice = advisor.on_bar(i, ts, conf, snap, minute, self.features.context)
+                advice = advisor.on_bar(i, bar.ts_ns, conf, snap, o.minute_of_day, self.features.context)
                 waited = advisor.sim_wait_s - before
                 if advice is not None:
                     stats.with_advice += 1
                     stats.agreements += advice.action == a
-            else:
-                advice = None
-            decision = self.fusion.fuse(ACTIONS[a], conf, advice, mask, self.features.context)
+            decision = self.fusion.fuse(ACTIONS[a], conf, advice, o.mask, self.features.context)  # 7
         else:
-            probs = _WARMUP_PROBS
-            advice = None
+            probs = WARMUP_CHOICE.probs
             decision = _WARMUP
-        ctx = self.ctx
-        ctx.ts_ns = ts
-        ctx.minute_of_day = minute
-        verdict = self.risk.review(decision.action, snap, ctx)
-        if ctx.flatten and pf.position == 0:
-            ctx.flatten = ""  # an operator's flatten request is done once flat
-        plan = self.planner.plan(verdict, snap, atr, i)
+        ctx = self.controls.risk_context(bar.ts_ns, o.minute_of_day, self.features.context, self._catching_up)
+        verdict = self.risk.review(decision.action, snap, ctx)  # 8
+        plan = self.planner.plan(verdict, snap, self.features.atr, i)  # 9
         if plan is not None:
-            await self._execute(plan, ts, i)
+            await self._execute(plan, bar.ts_ns, i)  # 10
         if pf.trailing:
-            new_stop = self.planner.trail(pf.position, pf.stop_price, pf.trail_ticks, close)
+            new_stop = self.planner.trail(pf.position, pf.stop_price, pf.trail_ticks, bar.close)
             if new_stop is not None:
-                await broker.set_stop(new_stop)
-                pf.set_stop(new_stop)
-        latency = time.perf_counter_ns() - self._t0 - int(waited * 1e9)
+                await self._set_stop(new_stop)
+        if ctx.flatten and pf.position == 0:
+            self.controls.flat()  # an operator's flatten request is done once flat
+        latency = time.perf_counter_ns() - o.t0_ns - int(waited * 1e9)
+        self._account_for(i, bar, probs, decision, advice, verdict, latency)  # 11
+
+    def _account_for(
+        self,
+        i: int,
+        bar: Bar,
+        probs: Sequence[float],
+        decision: Decision,
+        advice: Advice | None,
+        verdict: Verdict,
+        latency_ns: int,
+    ) -> None:
+        stats, pf, logs = self.stats, self.portfolio, self.settings.logging
         final = verdict.action
         vetoes = verdict.vetoes
         stats.bars += 1
@@ -385,11 +342,11 @@ class Engine:
         m = decision.method
         stats.fusion_methods[m] = stats.fusion_methods.get(m, 0) + 1
         vtxt = None
-        if self.settings.logging.log_decision_fusion and decision.method not in ("warmup", "rl_only"):
+        if logs.log_decision_fusion and m not in ("warmup", "rl_only") and not self._redriving:
             log.info(
                 "decision_fusion",
                 bar=i,
-                method=decision.method,
+                method=m,
                 action=ACTION_NAMES[decision.action],
                 rl=ACTION_NAMES[decision.rl_action],
                 reasons=";".join(decision.reasons),
@@ -398,239 +355,206 @@ class Engine:
             for v in vetoes:
                 stats.vetoes[v.rule] = stats.vetoes.get(v.rule, 0) + 1
             vtxt = ";".join(f"{v.rule}:{v.reason}" for v in vetoes)
-            if self.settings.logging.log_risk_veto:
+            if logs.log_risk_veto and not self._redriving:
                 log.info("risk_veto", bar=i, action=ACTION_NAMES[decision.action], vetoes=vtxt)
-        stats.latencies_ns.append(latency)
-        stats.ts_ns.append(ts)
+        stats.latencies_ns.append(latency_ns)
+        stats.ts_ns.append(bar.ts_ns)
         equity = pf.balance_usd + pf.unrealized_usd
         stats.equity.append(equity)
         stats.position.append(pf.position)
-        la = decision.llm_action
-        self.journal.record(
-            "decisions",
-            (
+        self._record(
+            rows.decision(
                 self.run_id,
                 i,
-                ts,
-                close,
-                probs[0],
-                probs[1],
-                probs[2],
-                probs[3],
-                probs[4],
-                probs[5],
-                int(decision.rl_action),
-                decision.rl_confidence,
-                None if la is None else int(la),
-                decision.llm_confidence,
-                None if advice is None else advice.age_bars,
-                m,
-                ";".join(decision.reasons),
-                int(decision.action),
-                int(final),
+                bar,
+                probs,
+                decision,
+                advice,
+                verdict,
                 vtxt,
-                verdict.flatten_reason or None,
                 pf.position,
                 pf.balance_usd,
                 equity,
                 pf.threshold_usd,
-                latency / 1000.0,
-            ),
+                latency_ns / 1000.0,
+            )
         )
-        self.journal.commit_point()  # this bar's rows are committed together or not at all
+        self._commit()  # this bar's rows are committed together or not at all
+
+    # -- recovery -----------------------------------------------------------------------------------
+    async def redrive(self, bar: Bar | None, row: int, action: int, fills: list[Fill] | None = None) -> bool:
+        """Re-decide a journaled bar with its journaled fused action (crash recovery): nothing is
+        journaled and the advisor is not asked. ``fills``: a live run's journaled fills for this
+        bar, applied instead of asking the broker (which is not called at all); None = the broker
+        (paper) simulates them again. Returns False for a rejected bar."""
+        self._redriving = True
+        self._given_fills = fills
+        try:
+            if bar is None:
+                self._reject(None, row, "bad_timestamp")
+                return False
+            o = self.observe(bar, row)
+            if o is None:
+                return False
+            await self.decide(o, PolicyChoice(action, 1.0, [1.0 if k == action else 0.0 for k in range(6)]))
+            return True
+        finally:
+            self._redriving = False
+            self._given_fills = None
+
+    def redrive_prime(self, bar: Bar) -> None:
+        self._redriving = True
+        try:
+            self.prime(bar)
+        finally:
+            self._redriving = False
+
+    async def redrive_shutdown(self, between_bar_orders: Sequence[str]) -> None:
+        """What a graceful stop did after its last bar (paper broker): entries cancelled, and the
+        journaled between-bar flatten done again."""
+        self._redriving = True
+        try:
+            await self.broker.cancel_entries()
+            for purpose in between_bar_orders:
+                await self.flatten_now(purpose)
+        finally:
+            self._redriving = False
+
+    def redrive_fills(self, fills: list[Fill]) -> None:
+        """Apply journaled fills that arrived after the last bar (recovery of a live run)."""
+        self._redriving = True
+        try:
+            self._apply_fills(fills)
+        finally:
+            self._redriving = False
+
+    @property
+    def redriving(self) -> bool:
+        return self._redriving
+
+    # -- between bars -------------------------------------------------------------------------------
+    def apply_broker_events(self) -> None:
+        """Apply what the broker reported since the last call, in order."""
+        events = self.broker.drain_events()
+        if events:
+            self._apply_events(events)
+
+    async def flatten_now(self, reason: str) -> None:
+        """Close the position now, between bars (the service stopping with ``on_stop =
+        flatten``): one market order, journaled; a paper broker fills it at the last close."""
+        pf, bar = self.portfolio, self.last_bar
+        if pf.position == 0 or bar is None:
+            return
+        side = Side.SELL if pf.position > 0 else Side.BUY
+        intent = OrderIntent(
+            f"{self.run_id[:8]}-{self.bar_index}-stop", side, abs(pf.position), OrderKind.MARKET, reason
+        )
+        self._record(rows.order(self.run_id, intent, self.bar_index - 1, bar.ts_ns))
+        self.stats.orders += 1
+        await self.broker.flatten_now(intent, bar)
+        self.apply_broker_events()
+        self._commit()
+        if not self._redriving:
+            log.warning("flattened", reason=reason, position=pf.position)
+
+    def journal_control(self, action: str, source: str, result: str, reason: str = "") -> None:
+        """Journal a control request at the bar it takes effect on (committed at once)."""
+        from datetime import UTC, datetime
+
+        at = datetime.now(UTC).isoformat()
+        self._record(rows.control(self.run_id, at, action, source, reason, result, self.bar_index))
+        self._commit()
+
+    def reload(self, parts: DecisionParts) -> None:
+        """Swap the reloadable parts all at once (a reload built and validated them first)."""
+        self.settings = parts.settings
+        self.fusion = parts.fusion
+        self.risk = parts.risk
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _record(self, row: Row) -> None:
+        if not self._redriving:
+            self.journal.record(row)
+
+    def _commit(self) -> None:
+        if not self._redriving:
+            self.journal.commit_point()
+
+    def _reject(self, bar: Bar | None, row: int, reason: str) -> None:
+        rej = self.stats.rejected
+        rej[reason] = rej.get(reason, 0) + 1
+        self._reject_seq += 1
+        origin = self.feed.origin(row)
+        self._record(rows.bar_rejected(self.run_id, self._reject_seq, bar, origin, reason))
+        if not self._redriving:
+            log.warning("bar_rejected", reason=reason, origin=origin)
+
+    def _journal_bar(self, kind: str, i: int | None, b: Bar) -> None:
+        self._bar_seq += 1
+        self._record(rows.bar(self.run_id, self._bar_seq, kind, i, b, self.stats.fills))
 
     async def _execute(self, plan: Plan, ts: int, i: int) -> None:
-        pf, broker = self.portfolio, self.broker
+        pf = self.portfolio
         for o in plan.orders:
-            self.journal.record(
-                "orders",
-                (self.run_id, o.client_id, i, ts, int(o.side), o.qty, o.kind.value, o.purpose, o.stop_ticks),
-            )
-            await broker.submit(o)
+            self._record(rows.order(self.run_id, o, i, ts))
+            self.stats.orders += 1
+            if self._given_fills is None:
+                await self.broker.submit(o)
         if plan.move_stop is not None:
-            await broker.set_stop(plan.move_stop)
-            pf.set_stop(plan.move_stop)
+            await self._set_stop(plan.move_stop)
         if plan.break_even:
             pf.set_break_even()
         if plan.trailing is not None:
             pf.set_trailing(plan.trailing, plan.trail_ticks)
 
+    async def _set_stop(self, price: float) -> None:
+        if self._given_fills is None:
+            await self.broker.set_stop(price)
+        self.portfolio.set_stop(price)
+
+    def _apply_events(self, events: list[BrokerEvent]) -> None:
+        for e in events:
+            if isinstance(e, Fill):
+                self._apply_fills([e])
+            elif isinstance(e, OrderRejected):
+                self.stats.order_rejects += 1
+                log.warning("order_rejected", client_id=e.client_id, reason=e.reason[:200])
+            elif isinstance(e, ReconcileReport):
+                self._reconciled(e)
+            elif isinstance(e, BrokerProblem):
+                self.controls.set_mismatch(e.text)
+                log.error("broker_problem_entries_halted", problem=e.text)
+
+    def _reconciled(self, r: ReconcileReport) -> None:
+        pf = self.portfolio
+        outcome = reconcile.compare(r, pf.position, self.adopt_broker_state)
+        if outcome.kind == "adopt":
+            ts = self.last_bar.ts_ns if self.last_bar is not None else 0
+            pf.adopt_position(r.position, r.avg_price, ts)
+            pf.set_stop(r.working_stop if r.position else None)
+            self._record(rows.account(self.run_id, ts, pf.snapshot(), f"adopt:{r.why}"))
+            self._commit()
+            self.controls.set_mismatch("")
+            log.warning("reconcile_adopted", why=r.why, problems=outcome.text, position=r.position)
+        elif outcome.kind == "mismatch":
+            self.controls.set_mismatch(f"reconcile ({r.why}): {outcome.text}")
+            log.error("reconcile_mismatch", why=r.why, problems=outcome.text)
+        else:
+            if r.working_stop is not None and pf.position:
+                pf.set_stop(r.working_stop)  # the broker's stop is the truth (after a restart)
+            if self.controls.reconcile_mismatch:
+                log.info("reconcile_ok_entries_allowed", why=r.why)
+            self.controls.set_mismatch("")
+            log.info("reconciled", why=r.why, position=r.position)
+
     def _apply_fills(self, fills: list[Fill]) -> None:
         pf = self.portfolio
         for f in fills:
-            self._fill_seq += 1
-            self.journal.record(
-                "fills",
-                (
-                    self.run_id,
-                    self._fill_seq,
-                    f.client_id,
-                    f.ts_ns,
-                    int(f.side),
-                    f.qty,
-                    f.price,
-                    f.commission_usd,
-                    f.purpose,
-                ),
-            )
+            self.stats.fills += 1
+            self._record(rows.fill(self.run_id, self.stats.fills, f))
             for t in pf.apply_fill(f):
-                self._journal_trade(t)
-            pf.set_stop(self.broker.working_stop if pf.position else None)
-            self._journal_account(f.ts_ns, f"fill:{f.purpose}")
-
-    def _journal_trade(self, t: Trade) -> None:
-        self._trade_seq += 1
-        self.journal.record(
-            "trades",
-            (
-                self.run_id,
-                self._trade_seq,
-                t.entry_ts_ns,
-                t.exit_ts_ns,
-                int(t.side),
-                t.qty,
-                t.entry_price,
-                t.exit_price,
-                t.pnl_usd,
-                t.exit_reason,
-            ),
-        )
-
-    def _journal_account(self, ts: int, reason: str) -> None:
-        pf = self.portfolio
-        s = pf.snapshot()
-        self.journal.record(
-            "account",
-            (
-                self.run_id,
-                ts,
-                s.position,
-                s.avg_entry,
-                s.stop_price,
-                s.balance_usd,
-                s.equity_usd,
-                s.peak_equity_usd,
-                s.drawdown_threshold_usd,
-                s.daily_pnl_usd,
-                s.consecutive_losses,
-                reason,
-            ),
-        )
-
-
-def _num(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None
-
-
-@dataclass
-class ReplayRun:
-    engine: Engine
-    journal: Journal
-    recorded: RecordedBars | None  # None: a live feed
-    run_id: str
-
-
-def build_replay(
-    settings: Settings,
-    journal_path: str | Path | None = None,
-    data_paths: list[Path] | None = None,
-    advisor_timing: str = "bar",
-    mode: str = "replay",
-    resume_run_id: str | None = None,
-) -> ReplayRun:
-    """Wire a replay from config: data ─▶ bulk features, paper broker, ONNX policy, journal."""
-    recorded = load_bars(settings.data, data_paths)
-    blocks = load_feature_blocks(settings.features.custom_blocks)
-    accepted = _accepted_rows(recorded)
-    cols = {k: getattr(recorded, k)[accepted] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
-    features = BulkFeatures(settings, cols, blocks)
-    policy = OnnxPolicy(
-        settings.policy.path, features.layout, settings.policy.provider, settings.policy.intra_op_threads
-    )
-    run_id = resume_run_id or uuid.uuid4().hex
-    journal = Journal(
-        journal_path or settings.journal.path, settings.journal.batch_size, settings.journal.flush_interval_ms
-    )
-    if resume_run_id:
-        journal.resume_run(run_id)
-    else:
-        journal.start_run(
-            run_id,
-            mode,
-            settings.model_dump_json(),
-            str(settings.policy.path),
-            features.layout.hash,
-            recorded.files,
-        )
-    rules = load_rules(settings.risk.rules, settings.risk.rule_options, settings)
-    try:
-        advisor = build_advisor(settings, journal, run_id, features.clock, timing=advisor_timing)
-    except BaseException:
-        journal.close()
-        raise
-    engine = Engine(
-        settings,
-        feed=ReplayFeed(recorded, settings.data.speed),
-        broker=PaperBroker(settings),
-        policy=policy,
-        features=features,
-        journal=journal,
-        run_id=run_id,
-        risk=RiskEngine(settings, features.clock, rules),
-        origin=recorded.origin,
-        advisor=advisor,
-    )
-    structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode=mode)
-    log.info(
-        "replay_ready",
-        bars=len(recorded),
-        accepted=int(accepted.sum()),
-        files=list(recorded.files),
-        layout_hash=features.layout.hash,
-        policy=str(settings.policy.path),
-    )
-    return ReplayRun(engine, journal, recorded, run_id)
-
-
-def build_advisor(
-    settings: Settings, journal: Journal, run_id: str, clock: object, timing: str
-) -> AdviceSource | None:
-    """The LLM advisor for ``advisor.mode`` (None when off). Loads the model or recorded answers."""
-    mode = settings.advisor.mode
-    if mode == "off":
-        return None
-    from trader.llm.advisor import Advisor, RecordedAnswers
-    from trader.llm.backends import build_backend
-
-    recorded = None
-    backend = None
-    if mode == "recorded":
-        path = settings.advisor.recorded_journal
-        assert path is not None  # checked by config
-        recorded = RecordedAnswers(Path(path), settings.advisor.recorded_run_id)
-    else:
-        backend = build_backend(settings)
-    return Advisor(
-        settings,
-        backend,
-        mode=mode,
-        timing=timing,
-        record=journal.record,
-        run_id=run_id,
-        clock=clock,
-        recorded=recorded,
-    )
-
-
-def _accepted_rows(rb: RecordedBars) -> np.ndarray:
-    """The rows the engine's validator will accept (same validator, same order)."""
-    v = BarValidator()
-    ok = np.zeros(len(rb), dtype=bool)
-    for bar, i in rb.items():
-        if bar is not None:
-            ok[i] = v.check(bar) is None
-    return ok
-
-
-def config_json(settings: Settings) -> str:
-    return json.dumps(settings.model_dump(mode="json"), sort_keys=True)
+                self._trade_seq += 1
+                self._record(rows.trade(self.run_id, self._trade_seq, t))
+            working = self.broker.working_stop if self._given_fills is None else pf.stop_price
+            pf.set_stop(working if pf.position else None)
+            self._record(rows.account(self.run_id, f.ts_ns, pf.snapshot(), f"fill:{f.purpose}"))

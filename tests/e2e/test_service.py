@@ -180,18 +180,18 @@ def test_flatten_on_stop_closes_the_position_at_the_last_price(tmp_path):
     import asyncio
 
     from tests.conftest import make_settings
-    from trader.engine import build_replay
-    from trader.service.runner import Service
+    from trader.service.supervisor import Service
+    from trader.wiring import build_replay
 
     s = make_settings(service={"http_enabled": False, "on_stop": "flatten"})
     run = build_replay(s, tmp_path / "j.sqlite", mode="paper")
-    svc, eng = Service(s, run, "paper", None), run.engine
+    svc, eng = Service(s, run, None), run.engine
     loop = asyncio.new_event_loop()
     for i in range(len(run.recorded)):
         loop.run_until_complete(eng.on_bar(run.recorded.bar(i), i))
         if eng.portfolio.position != 0:
             break
-    pos, last = eng.portfolio.position, eng._bar
+    pos, last = eng.portfolio.position, eng.last_bar
     assert pos != 0
     loop.run_until_complete(svc._shutdown("stopped"))
     loop.close()

@@ -26,7 +26,6 @@ from trader.config import ConfigError, LLMModelConfig, load_settings
 from trader.decision.fusion import GuideFusion
 from trader.decision.risk import RiskContext, RiskEngine
 from trader.domain import Action, Advice
-from trader.engine import build_replay
 from trader.features.clock import SessionClock
 from trader.features.layout import RISK_CONTEXT_FEATURES
 from trader.features.observation import AccountFeatures, BulkFeatures
@@ -36,6 +35,7 @@ from trader.llm.advisor import Advisor
 from trader.llm.backends import EnsembleBackend, LlamaCppBackend, LLMError, OpenAIBackend, bundled_gguf
 from trader.llm.grammar import parse_answer
 from trader.llm.prompts import build_context, render
+from trader.wiring import build_replay
 
 SHORT = "2023-11-28T10:20:00"  # warm-up ends ~10:00: about 20 decided RTH bars
 
@@ -248,7 +248,7 @@ def _advisor(server: ScriptedChatServer, mode: str = "sync", **fusion: object) -
         OpenAIBackend(s.advisor.openai, s.llm_model),
         mode=mode,
         timing="wall",
-        record=lambda t, r: rows.append((t, r)),
+        record=lambda row: rows.append(tuple(row)),
         run_id="test",
         clock=SessionClock(s.instrument),
     )

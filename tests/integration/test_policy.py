@@ -18,7 +18,7 @@ L228 = build_layout(False)
 def test_bundled_policy_loads_on_cpu_and_acts():
     p = OnnxPolicy(BUNDLED_POLICY, L261, "auto")
     assert p.info.provider == "CPUExecutionProvider" and p.info.layout_hash == L261.hash
-    a, conf, probs = p.act(np.zeros(261, np.float32), np.ones(6, bool))
+    a, conf, probs = p.act_on(np.zeros(261, np.float32), np.ones(6, bool))
     assert 0 <= a < 6 and conf == max(probs) and abs(sum(probs) - 1) < 1e-6
 
 
@@ -68,8 +68,8 @@ def test_masked_actions_get_zero_probability_even_if_the_graph_does_not_mask(tmp
     )
     p = OnnxPolicy(path, L261)
     mask = np.array([True, True, True, False, False, False])
-    a, _, probs = p.act(np.zeros(261, np.float32), mask)
+    a, _, probs = p.act_on(np.zeros(261, np.float32), mask)
     assert a != Action.MOVE_TO_BE and probs[3] == probs[4] == probs[5] == 0.0
     assert abs(sum(probs) - 1.0) < 1e-9
-    a, _, _ = p.act(np.zeros(261, np.float32), np.ones(6, bool))
+    a, _, _ = p.act_on(np.zeros(261, np.float32), np.ones(6, bool))
     assert a == Action.MOVE_TO_BE

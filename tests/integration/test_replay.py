@@ -12,9 +12,9 @@ import pytest
 
 from tests.conftest import make_settings
 from trader.config import BUNDLED_DATA
-from trader.engine import build_replay
 from trader.feeds.replay import DataError, load_bars
 from trader.journal import DECISION_COLUMNS
+from trader.wiring import build_replay
 
 SLICE_END = "2023-11-29T16:00:00"  # ~2,700 bars of the bundled slice: past warm-up, some RTH trading
 

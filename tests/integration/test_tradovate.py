@@ -12,7 +12,8 @@ import pytest
 
 from tests.tradovate_server import PASSWORD, SEC, SYMBOL, FakeTradovate, shared_bars
 from trader.config import load_settings
-from trader.domain import Bar, OrderIntent, OrderKind, Side
+from trader.domain import Bar, Fill, OrderIntent, OrderKind, OrderRejected, ReconcileReport, Side
+from trader.execution import reconcile
 from trader.execution.brokers.tradovate import TradovateBroker
 from trader.feeds.live import BarAssembler, TradovateFeed
 from trader.tradovate.protocol import ns_to_iso
@@ -40,8 +41,8 @@ async def collect(feed: TradovateFeed, n_live: int, during: Any = None) -> list[
     try:
         async with contextlib.aclosing(feed.batches()) as batches:
             async for batch in batches:
-                out += [(feed.batch_kind, b) for b, _ in batch if b is not None]
-                if feed.batch_kind == "live":
+                out += [(batch.kind.value, b) for b, _ in batch.items if b is not None]
+                if batch.kind.value == "live":
                     live += 1
                     if during is not None:
                         await during(live)
@@ -199,7 +200,8 @@ def test_assembler_holds_the_forming_bar_and_counts_late_updates():
 
 
 class Harness:
-    """A broker with a minimal position book fed by its own fills (what the engine does)."""
+    """A broker with a minimal position book fed by its own events (what the engine does: fills
+    move the position; a reconcile report is compared with it by the pure reconcile rule)."""
 
     def __init__(self, fake: FakeTradovate, **tv: Any) -> None:
         self.fake = fake
@@ -208,15 +210,32 @@ class Harness:
         self.rest = TradovateRest(self.s.tradovate)
         self.position = 0
         self.fills: list[Any] = []
-        self.broker = TradovateBroker(self.s, self.rest, "run00001", lambda: self.position)
+        self.broker = TradovateBroker(self.s, self.rest, "run00001")
         self.broker.last_price = fake.price
+        self.mismatch: str | None = None
+        self.adopted: list[tuple[int, float]] = []
+        self.events: list[Any] = []
+
+    def drain(self) -> list[Fill]:
+        fills = []
+        for e in self.broker.drain_events():
+            self.events.append(e)
+            if isinstance(e, Fill):
+                fills.append(e)
+                self.position += int(e.side) * e.qty
+            elif isinstance(e, ReconcileReport):
+                out = reconcile.compare(e, self.position, self.s.tradovate.adopt_broker_state)
+                self.mismatch = out.text if out.kind == "mismatch" else None
+                if out.kind == "adopt":
+                    self.position = e.position
+                    self.adopted.append((e.position, e.avg_price))
+        self.fills += fills
+        return fills
 
     async def pump(self, until: Any, timeout: float = 5.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            for f in self.broker.drain_fills():
-                self.fills.append(f)
-                self.position += int(f.side) * f.qty
+            self.drain()
             if until():
                 return
             await asyncio.sleep(0.02)
@@ -281,7 +300,7 @@ def test_a_retried_order_never_opens_a_second_position(fake, fault):
         await h.broker.submit(entry("run00001-9-0"))
         await h.pump(lambda: h.position == 1)
         await asyncio.sleep(0.3)
-        h.broker.drain_fills()
+        h.drain()
 
     run_harness(h, body)
     placed = [c for c in fake.commands if c.get("clOrdId") == "run00001-9-0"]
@@ -302,7 +321,8 @@ def test_rejected_order_is_counted_and_leaves_no_position(fake):
         await asyncio.sleep(0.3)
 
     run_harness(h, body)
-    assert h.broker.rejects == 1 and fake.net_pos == 0 and not h.broker.drain_fills()
+    assert h.broker.rejects == 1 and fake.net_pos == 0 and not h.drain()
+    assert [e.client_id for e in h.events if isinstance(e, OrderRejected)] == ["run00001-3-0"]
     assert h.broker.book.orders == {}
 
 
@@ -376,21 +396,23 @@ def test_an_unknown_position_halts_entries_with_the_reason(fake):
     h = Harness(fake)
 
     async def body(h: Harness) -> None:
-        assert h.broker.mismatch is not None
+        h.drain()
+        assert h.mismatch is not None
 
     run_harness(h, body)
-    assert "broker position +1 != journal +0" in (h.broker.mismatch or "")
-    assert "working order(s) unknown" in (h.broker.mismatch or "")
+    assert "broker position +1 != journal +0" in (h.mismatch or "")
+    assert "working order(s) unknown" in (h.mismatch or "")
 
 
 def test_adopt_takes_the_brokers_position(fake):
     _foreign_position(fake)
     h = Harness(fake, adopt_broker_state=True)
-    adopted: list[tuple[int, float]] = []
-    h.broker.on_adopt = lambda pos, avg, stop: adopted.append((pos, avg))
 
-    run_harness(h, lambda h: asyncio.sleep(0))
-    assert h.broker.mismatch is None and adopted and adopted[0][0] == 1
+    async def body(h: Harness) -> None:
+        h.drain()
+
+    run_harness(h, body)
+    assert h.mismatch is None and h.adopted and h.adopted[0][0] == 1 and h.position == 1
 
 
 def test_fills_missed_while_disconnected_are_picked_up_once_on_reconnect(fake):
@@ -410,10 +432,9 @@ def test_fills_missed_while_disconnected_are_picked_up_once_on_reconnect(fake):
         fake.faults.refuse_ws.discard("user")
         await h.pump(lambda: h.position == 0 and h.broker.connected and h.broker.reconciles >= 2)
         await asyncio.sleep(0.3)
-        for f in h.broker.drain_fills():
-            h.fills.append(f)
+        h.drain()
 
     run_harness(h, body)
     stops = [f for f in h.fills if f.purpose == "stop"]
     assert len(stops) == 1 and stops[0].price == 15990.0
-    assert h.broker.reconnects == 1 and h.broker.mismatch is None
+    assert h.broker.reconnects == 1 and h.mismatch is None

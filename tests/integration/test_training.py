@@ -16,40 +16,52 @@ import onnxruntime as ort
 import pytest
 
 from tests.conftest import NQ, ROOT, make_settings
-from trader.engine import build_replay
+from trader.config import BUNDLED_POLICY
 from trader.features.layout import build_layout
 from trader.journal import Journal
 from trader.policy import OnnxPolicy, PolicyError
 from trader.train.env import RewardConfig, TradingEnv
 from trader.train.evaluate import evaluate
 from trader.train.ppo import ExportError, TrainConfig, export_onnx, train
+from trader.wiring import build_replay
 
 FIRST_SESSION_END = "2023-11-28T17:00:00"  # bundled slice: warm-up ends ~10:00, then one session
 ACCOUNT_COLS = "bar_index, ts_ns, close, final_action, position, balance_usd, equity_usd, threshold_usd"
 
 
 class SpyPolicy:
-    """The real ONNX policy, recording what it was shown and what it chose."""
+    """The real ONNX policy behind the policy port (a Python policy by dotted path), recording
+    what it was shown and what it chose."""
 
-    def __init__(self, inner: OnnxPolicy) -> None:
-        self.inner = inner
+    name = "spy"
+    last: SpyPolicy | None = None
+
+    def __init__(self, settings, onnx: str) -> None:
+        layout = build_layout(settings.features.use_llm_features, ())
+        self.inner = OnnxPolicy(onnx, layout)
         self.seen: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
-        self.engine = None
+        SpyPolicy.last = self
 
-    def act(self, obs, mask):
-        a, conf, p = self.inner.act(obs, mask)
-        self.seen[self.engine._i] = (obs.copy(), mask.copy(), a)
-        return a, conf, p
+    def act(self, o):
+        choice = self.inner.act(o)
+        if o.ready:
+            self.seen[o.index] = (o.obs.copy(), o.mask.copy(), choice.action)
+        return choice
 
 
 def test_environment_reproduces_replay_observations_and_account_states(tmp_path):
-    s = make_settings(data={"end": FIRST_SESSION_END})
+    s = make_settings(
+        data={"end": FIRST_SESSION_END},
+        policy={
+            "path": "tests.integration.test_training:SpyPolicy",
+            "options": {"onnx": str(BUNDLED_POLICY)},
+        },
+    )
     run = build_replay(s, tmp_path / "replay.sqlite")
-    spy = SpyPolicy(run.engine.policy)
-    spy.engine = run.engine
-    run.engine.policy = spy
     asyncio.run(run.engine.run())
     run.journal.close()
+    spy = SpyPolicy.last
+    assert spy is not None
     assert len(spy.seen) > 300
 
     journal = Journal(tmp_path / "env.sqlite")
@@ -101,7 +113,8 @@ def test_reward_is_the_equity_change_net_of_costs_minus_the_drawdown_penalty():
         start, total, done, steps = info["equity"], 0.0, False, 0
         while not done:
             legal = np.flatnonzero(env.action_masks())
-            assert env.engine.portfolio.position != 0 or env.clock.in_entry_window(env.engine._minute)
+            minute = (env.clock.local_s(info["ts_ns"]) // 60) % 1440
+            assert env.engine.portfolio.position != 0 or env.clock.in_entry_window(minute)
             _, r, done, _, info = env.step(int(rng.choice(legal)))
             total += r
             steps += 1
@@ -123,7 +136,7 @@ def test_illegal_actions_are_hold_and_the_episode_ends_at_the_session_end():
     done = False
     while not done:
         _, _, done, _, info = env.step(0)
-    assert env.engine._bar.ts_ns == info["ts_ns"]
+    assert env.engine.last_bar.ts_ns == info["ts_ns"]
     last = env.bars.ts_ns[env.sessions[0][1] - 1]
     assert info["ts_ns"] == last
 

@@ -35,9 +35,9 @@ def submit(
 def test_market_order_fills_at_next_open_plus_slippage_with_commission():
     b = PaperBroker(S)
     submit(b, Side.BUY, stop_ticks=40)
-    assert b.drain_fills() == []  # nothing until the next bar
+    assert b.drain_events() == []  # nothing until the next bar
     b.on_bar(bar(1, 16000.0, 16004.0, 15999.0, 16002.0))
-    (f,) = b.drain_fills()
+    (f,) = b.drain_events()
     assert (f.price, f.qty, f.side, f.commission_usd) == (16000.25, 1, Side.BUY, 2.25)
     assert b.working_stop == 16000.25 - 40 * 0.25
 
@@ -46,7 +46,7 @@ def test_sell_entry_slips_down():
     b = PaperBroker(S)
     submit(b, Side.SELL, stop_ticks=8)
     b.on_bar(bar(1, 16000.0, 16001.0, 15990.0, 15995.0))
-    (f,) = b.drain_fills()
+    (f,) = b.drain_events()
     assert f.price == 15999.75 and b.working_stop == 16001.75
 
 
@@ -54,9 +54,9 @@ def test_long_stop_triggers_inside_the_bar_at_the_stop_minus_slippage():
     b = PaperBroker(S)
     submit(b, Side.BUY, stop_ticks=20)  # stop 5 points under the fill
     b.on_bar(bar(1, 16000.0, 16003.0, 15998.0, 16001.0))
-    b.drain_fills()
+    b.drain_events()
     b.on_bar(bar(2, 15999.0, 15999.5, 15994.0, 15996.0))  # low 15994 < stop 15995.25
-    (f,) = b.drain_fills()
+    (f,) = b.drain_events()
     assert (f.side, f.price, f.purpose) == (Side.SELL, 15995.0, "stop")
     assert b.position == 0 and b.working_stop is None
 
@@ -65,9 +65,9 @@ def test_a_gap_through_the_stop_fills_at_the_open_not_the_stop():
     b = PaperBroker(S)
     submit(b, Side.BUY, stop_ticks=20)
     b.on_bar(bar(1, 16000.0, 16003.0, 15998.0, 16001.0))
-    b.drain_fills()
+    b.drain_events()
     b.on_bar(bar(2, 15980.0, 15985.0, 15975.0, 15982.0))  # opens 15 points under the stop
-    (f,) = b.drain_fills()
+    (f,) = b.drain_events()
     assert f.price == 15979.75
 
 
@@ -75,11 +75,11 @@ def test_short_stop_and_short_gap():
     b = PaperBroker(S)
     submit(b, Side.SELL, stop_ticks=20)
     b.on_bar(bar(1, 16000.0, 16001.0, 15997.0, 15999.0))
-    b.drain_fills()
+    b.drain_events()
     stop = b.working_stop
     assert stop == 16004.75
     b.on_bar(bar(2, 16010.0, 16012.0, 16008.0, 16011.0))
-    (f,) = b.drain_fills()
+    (f,) = b.drain_events()
     assert (f.side, f.price) == (Side.BUY, 16010.25)
 
 
@@ -87,7 +87,7 @@ def test_stop_can_trigger_in_the_entry_bar():
     b = PaperBroker(S)
     submit(b, Side.BUY, stop_ticks=8)
     b.on_bar(bar(1, 16000.0, 16001.0, 15990.0, 15991.0))
-    entry, stop = b.drain_fills()
+    entry, stop = b.drain_events()
     assert (
         entry.side == Side.BUY and stop.purpose == "stop" and stop.price == 15998.0
     )  # stop 15998.25 - 1 tick
@@ -97,10 +97,10 @@ def test_an_exit_after_the_stop_already_closed_the_position_does_nothing():
     b = PaperBroker(S)
     submit(b, Side.BUY, stop_ticks=8)
     b.on_bar(bar(1, 16000.0, 16001.0, 15990.0, 15991.0))
-    b.drain_fills()
+    b.drain_events()
     submit(b, Side.SELL, purpose="exit")
     b.on_bar(bar(2, 15991.0, 15992.0, 15990.0, 15991.0))
-    assert b.drain_fills() == [] and b.position == 0
+    assert b.drain_events() == [] and b.position == 0
 
 
 @given(o=st.floats(10000, 20000), spread=st.floats(0, 50), ticks=st.integers(1, 200))
@@ -111,7 +111,7 @@ def test_every_fill_and_stop_is_on_the_tick_grid(o, spread, ticks):
     b = PaperBroker(S)
     submit(b, Side.BUY, stop_ticks=ticks)
     b.on_bar(bar(1, o, o + spread, o - spread, o))
-    for f in b.drain_fills():
+    for f in b.drain_events():
         assert f.price / 0.25 == round(f.price / 0.25)
     if b.working_stop is not None:
         assert b.working_stop / 0.25 == round(b.working_stop / 0.25)

@@ -7,9 +7,9 @@ import socket
 import time
 
 from tests.conftest import make_settings
-from trader.engine import build_replay
 from trader.service.notify import LoopWatchdog, Notifier
-from trader.service.runner import Service
+from trader.service.operator import Operator
+from trader.wiring import build_replay
 
 
 def _receiver(name: str) -> socket.socket:
@@ -59,21 +59,21 @@ def test_watchdog_pings_only_while_healthy(monkeypatch):
     rx.close()
 
 
-def test_a_stuck_bar_is_unhealthy_and_stale_data_halts_entries(tmp_path):
+def test_a_stuck_bar_or_stale_data_is_unhealthy_and_stale_data_halts_entries(tmp_path):
     s = make_settings(service={"http_enabled": False, "stuck_bar_s": 5.0, "bar_interval_s": 1.0})
     run = build_replay(s, tmp_path / "j.sqlite", mode="paper")
-    svc = Service(s, run, "paper", None, notifier=Notifier(""))
-    eng = run.engine
+    op = Operator(s, run, None)
+    eng, controls = run.engine, run.controls
     eng.last_bar_at = time.monotonic()
-    assert svc.unhealthy() is None and not eng.ctx.halted
+    assert op.unhealthy() is None and not controls.halted
     eng.busy_since = time.monotonic() - 6.0
-    assert svc.unhealthy().startswith("stuck in one bar")
+    assert op.unhealthy().startswith("stuck in one bar")
     eng.busy_since = 0.0
     eng.last_bar_at = time.monotonic() - 4.0  # > 3 bar intervals
-    assert svc.unhealthy() is None  # stale data is not a reason to restart ...
-    assert svc.stale and eng.ctx.halted  # ... but entries stop
-    assert svc.health()["stale_data"] is True
+    assert op.unhealthy().startswith("stale data")  # the watchdog and /healthz say so ...
+    assert controls.stale and controls.halted  # ... and entries stop
+    assert op.health(stopping=False)["stale_data"] is True
     eng.last_bar_at = time.monotonic()
-    svc.unhealthy()
-    assert not svc.stale and not eng.ctx.halted  # data back: trading resumes by itself
+    assert op.unhealthy() is None
+    assert not controls.stale and not controls.halted  # data back: trading resumes by itself
     run.journal.close()

@@ -14,13 +14,14 @@ Pure: no I/O, no state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import numpy as np
 
 from trader.config import FusionConfig
-from trader.domain import Action, Advice, Decision
-from trader.features.observation import MarketContext
+from trader.domain import Action, Advice, Decision, MarketContext
+from trader.errors import ConfigError
+from trader.ports import FusionStrategy, load_object
 
 FUSION_METHODS = (
     "warmup",
@@ -32,19 +33,6 @@ FUSION_METHODS = (
     "weighted_llm",
     "weighted_rl",
 )
-
-
-class FusionStrategy(Protocol):
-    """Combines the RL choice and (optional) LLM advice into one Decision with its reasons."""
-
-    def fuse(
-        self,
-        rl_action: Action,
-        rl_confidence: float,
-        advice: Advice | None,
-        mask: np.ndarray,
-        market: Callable[[], MarketContext],
-    ) -> Decision: ...
 
 
 class GuideFusion:
@@ -115,12 +103,10 @@ def build_fusion(cfg: FusionConfig, options: dict[str, Any] | None = None) -> Fu
     """``default`` (the guide's rules) or a plug-in ``module:attr`` called with (cfg, **options)."""
     if cfg.strategy in ("default", "guide"):
         return GuideFusion(cfg)
-    from trader.features.observation import load_object
-
-    factory = load_object(cfg.strategy)
+    factory = load_object(cfg.strategy, "fusion.strategy")
     if not callable(factory):
-        raise ValueError(f"fusion.strategy: {cfg.strategy!r} is not a class or factory")
+        raise ConfigError(f"fusion.strategy: {cfg.strategy!r} is not a class or factory")
     strategy = factory(cfg, **(options or {}))
     if not callable(getattr(strategy, "fuse", None)):
-        raise ValueError(f"fusion.strategy: {cfg.strategy!r} does not provide fuse()")
+        raise ConfigError(f"fusion.strategy: {cfg.strategy!r} does not provide fuse()")
     return cast(FusionStrategy, strategy)

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from trader.config import Settings
-from trader.domain import Action, PortfolioSnapshot, Verdict, Veto
+from trader.domain import Action, MarketContext, PortfolioSnapshot, Verdict, Veto
+from trader.errors import ConfigError
 from trader.features.clock import SessionClock
-from trader.features.observation import MarketContext, load_object
+from trader.ports import RiskRule, load_object
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RiskContext:
-    """What the rules may look at besides the portfolio. Reused by the engine bar after bar."""
+    """What the rules may look at besides the portfolio, for one bar (built by
+    :meth:`trader.controls.Controls.risk_context`)."""
 
     ts_ns: int
     minute_of_day: int
@@ -34,15 +36,8 @@ class RiskContext:
     halted: bool = False  # operator halt (control API), stale data, a broker reconcile mismatch
     halt_reason: str = ""
     catching_up: bool = False  # a bar from the backfill after a reconnect: too old to enter on
-    flatten: str = ""  # an operator's flatten request (control API, graceful stop): the reason
-
-
-class RiskRule(Protocol):
-    """A veto rule: returns a reason to block an entry-side action, or None."""
-
-    name: str
-
-    def check(self, action: Action, snapshot: PortfolioSnapshot, ctx: RiskContext) -> str | None: ...
+    flatten: str = ""  # an operator's flatten request (control API): the reason
+    kill_switch: str = ""  # the kill switch (config or operator): flatten and no entries
 
 
 class ConsecutiveLosses:
@@ -94,7 +89,7 @@ class RiskEngine:
     def __init__(self, settings: Settings, clock: SessionClock, extra_rules: Sequence[RiskRule] = ()) -> None:
         r = settings.risk
         self.enable_veto = r.enable_risk_veto
-        self.kill_switch = r.kill_switch
+        self.kill_switch = r.kill_switch  # also in ctx.kill_switch (Controls); kept for plain callers
         self.max_contracts = r.max_contracts
         self.daily_loss_limit = r.daily_loss_limit_usd
         self.reverse = settings.execution.reverse_on_opposite
@@ -110,7 +105,7 @@ class RiskEngine:
         pos = s.position
         # Hard limits that flatten: kill switch, daily loss, trailing drawdown breach, session end.
         flatten_reason = ""
-        if self.kill_switch:
+        if self.kill_switch or ctx.kill_switch:
             flatten_reason = "kill_switch"
         elif ctx.flatten:
             flatten_reason = ctx.flatten
@@ -174,9 +169,9 @@ def load_rules(
     """Risk rule plug-ins by dotted path, each called with (settings, **options[path])."""
     rules = []
     for p in paths:
-        factory = load_object(p)
-        rule = factory(settings, **options.get(p, {}))  # type: ignore[operator]
+        factory = load_object(p, "risk.rules")
+        rule = factory(settings, **options.get(p, {}))
         if not callable(getattr(rule, "check", None)) or not isinstance(getattr(rule, "name", None), str):
-            raise ValueError(f"risk.rules: {p!r} does not provide name and check()")
+            raise ConfigError(f"risk.rules: {p!r} does not provide name and check()")
         rules.append(rule)
     return rules

@@ -7,16 +7,14 @@ the engine cannot tell the two apart. Custom :class:`FeatureBlock` plug-ins appe
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from trader.config import Settings
-from trader.domain import Bar, PortfolioSnapshot
+from trader.domain import Bar, MarketContext, PortfolioSnapshot
+from trader.errors import ConfigError
 from trader.features.clock import SessionClock
 from trader.features.layout import ACCOUNT_FEATURES, RISK_CONTEXT_FEATURES, ObservationLayout, build_layout
 from trader.features.market import (
@@ -26,71 +24,18 @@ from trader.features.market import (
     market_features_one,
     primitives_batch,
 )
-
-
-@runtime_checkable
-class FeatureBlock(Protocol):
-    """A custom block of market features, loaded by dotted path (``module:attr``).
-
-    ``names`` are appended to the layout (and so change its hash). ``update`` is called once per
-    accepted bar in time order and returns one value per name. An optional
-    ``batch(ts_ns, open, high, low, close, volume) -> ndarray[n, len(names)]`` lets replay
-    compute the block in bulk; it must equal feeding ``update`` bar by bar.
-    """
-
-    names: tuple[str, ...]
-
-    def update(self, bar: Bar) -> Sequence[float]: ...
-
-
-def load_object(path: str) -> object:
-    """Import ``package.module:attr`` (or ``package.module.attr``)."""
-    mod_name, sep, attr = path.partition(":")
-    if not sep:
-        mod_name, _, attr = path.rpartition(".")
-    if not mod_name or not attr:
-        raise ValueError(f"{path!r} is not a dotted path 'module:attr'")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import {mod_name!r} for {path!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"{mod_name!r} has no attribute {attr!r} (from {path!r})") from None
+from trader.ports import FeatureBlock, load_object
 
 
 def load_feature_blocks(paths: Sequence[str]) -> list[FeatureBlock]:
     blocks = []
     for p in paths:
-        factory = load_object(p)
+        factory = load_object(p, "features.custom_blocks")
         block = factory() if callable(factory) else factory
         if not isinstance(block, FeatureBlock):
-            raise ValueError(f"features.custom_blocks: {p!r} is not a FeatureBlock (needs names and update)")
+            raise ConfigError(f"features.custom_blocks: {p!r} is not a FeatureBlock (needs names and update)")
         blocks.append(block)
     return blocks
-
-
-@dataclass(frozen=True, slots=True)
-class MarketContext:
-    """Market facts for prompts and risk plug-ins (prices in points, ATR in points)."""
-
-    ts_ns: int
-    close: float
-    atr: float
-    adx: float
-    plus_di: float
-    minus_di: float
-    rsi: float
-    macd: float
-    vwap: float
-    vwap_distance_atr: float
-    momentum_pct: float
-    support: float
-    resistance: float
-    volatility_regime: float
-    minute_of_day: int
-    extras: tuple[tuple[str, float], ...] = ()
 
 
 _CONTEXT_KEYS = (
@@ -132,16 +77,6 @@ def _context_from(p: dict[str, float]) -> MarketContext:
         volatility_regime=p["atr_14"] / p["atr_sma_240"] if p["atr_sma_240"] else math.nan,
         minute_of_day=int(p["local_s"] // 60) % 1440,
     )
-
-
-class FeatureSource(Protocol):
-    layout: ObservationLayout
-    ready: bool
-    atr: float
-
-    def update(self, bar: Bar) -> np.ndarray: ...
-
-    def context(self) -> MarketContext: ...
 
 
 class IncrementalFeatures:

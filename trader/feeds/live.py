@@ -5,8 +5,7 @@ later timestamp starts, and only then is the forming one handed on. Updates for 
 handed on are dropped and counted (``duplicates``), as are updates older than the forming bar
 (``out_of_order``).
 
-Batches carry a kind (:attr:`TradovateFeed.batch_kind`, read by the engine while it consumes the
-batch):
+Each :class:`~trader.ports.Batch` carries a kind (:class:`~trader.domain.BatchKind`):
 
 * ``prime``: the history fetched at the first subscription (``tradovate.history_bars``): it warms
   the indicators and is never traded on;
@@ -23,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -30,7 +30,8 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from trader.config import Settings
-from trader.domain import Bar
+from trader.domain import Bar, BatchKind, ComponentHealth
+from trader.ports import Batch
 from trader.tradovate.protocol import iso_to_ns, ns_to_iso
 from trader.tradovate.rest import RateLimited, TradovateRest, TransientError
 from trader.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
@@ -92,8 +93,8 @@ class TradovateFeed:
         self.bar_s = settings.data.bar_seconds
         self.rest = rest
         self.assembler = BarAssembler(-1 if resume_after_ns is None else resume_after_ns)
-        self.batch_kind = "prime"
         self.connected = False
+        self.disconnected_at: float | None = time.monotonic()
         self.connects = 0
         self.reconnects = 0
         self.malformed = 0
@@ -108,13 +109,36 @@ class TradovateFeed:
         self._resumed = resume_after_ns is not None
         self.on_connect: Callable[[], None] | None = None
 
-    def resume_after(self, ts_ns: int) -> None:
+    def resume_after(self, last_ts_ns: int, next_row: int = -1) -> None:
         """Continue after this bar (a restart): the first subscription fetches what came since."""
-        self.assembler.last_ts = ts_ns
+        self.assembler.last_ts = last_ts_ns
         self._resumed = True
 
+    def origin(self, row: int) -> str:
+        return f"tradovate:{self.cfg.environment}:{self.cfg.symbol}"
+
+    def health(self) -> ComponentHealth:
+        down = self.disconnected_at
+        return ComponentHealth(
+            "tradovate",
+            self.connected,
+            0.0 if down is None or self.connected else time.monotonic() - down,
+            (
+                ("reconnects", self.reconnects),
+                ("duplicates", self.duplicates),
+                ("out_of_order", self.out_of_order),
+                ("malformed", self.malformed + self.bad_bars),
+            ),
+        )
+
+    async def open(self) -> None:
+        await self.rest.start()
+
+    async def close(self) -> None:
+        await self.rest.close()
+
     # -- Feed ---------------------------------------------------------------------------------------
-    async def batches(self) -> AsyncGenerator[list[tuple[Bar | None, int]], None]:
+    async def batches(self) -> AsyncGenerator[Batch, None]:
         task = asyncio.create_task(self._maintain(), name="tradovate-md")
         getter: asyncio.Task[tuple[str, list[Bar]]] | None = None
         try:
@@ -126,9 +150,8 @@ class TradovateFeed:
                     task.result()  # the connection task ended: raise its error
                     return
                 kind, bars = getter.result()
-                self.batch_kind = kind
                 self.bars_out += len(bars)
-                yield [(b, -1) for b in bars]
+                yield Batch(BatchKind(kind), [(b, -1) for b in bars])
         finally:
             if getter is not None:
                 getter.cancel()
@@ -168,6 +191,7 @@ class TradovateFeed:
             assert sock is not None
             await sock.closed.wait()
             self.connected = False
+            self.disconnected_at = time.monotonic()
             self.malformed += sock.malformed_frames
             self.reconnects += 1
             log.warning("md_connection_lost", reason=sock.close_reason, last_bar=self._last_iso())
@@ -213,6 +237,7 @@ class TradovateFeed:
             raise RequestFailed("md/getChart", 200, f"no subscription ids in {str(d)[:80]}")
         self._hist_id, self._rt_id = d.get("historicalId"), d["realtimeId"]
         self.connected = True
+        self.disconnected_at = None
         self.connects += 1
         log.info(
             "md_subscribed",
@@ -281,6 +306,4 @@ class TradovateFeed:
 
 
 def _now() -> float:
-    import time
-
     return time.time()

@@ -88,9 +88,9 @@ async def record(settings: Settings, out_dir: Path, max_bars: int | None = None)
         await rest.start()
         async with contextlib.aclosing(feed.batches()) as batches:
             async for batch in batches:
-                bars = [b for b, _ in batch if b is not None]
+                bars = [b for b, _ in batch.items if b is not None]
                 writer.add(bars)
-                log.info("recorded", kind=feed.batch_kind, bars=len(bars), total=writer.written)
+                log.info("recorded", kind=batch.kind.value, bars=len(bars), total=writer.written)
                 if max_bars is not None and writer.written >= max_bars:
                     break
     except asyncio.CancelledError:

@@ -19,13 +19,11 @@ import numpy as np
 import polars as pl
 
 from trader.config import DataConfig
-from trader.domain import Bar
+from trader.domain import Bar, BatchKind, ComponentHealth
+from trader.errors import DataError
+from trader.ports import Batch
 
 FIELDS = ("timestamp", "open", "high", "low", "close", "volume")
-
-
-class DataError(ValueError):
-    """A data file cannot be used at all (missing file or column); names the file and column."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +129,7 @@ def _epoch_to_ns(s: pl.Series) -> pl.Series:
     return s * factor
 
 
-def _bound_ns(value: str | None, tz: str) -> int | None:
+def bound_ns(value: str | None, tz: str) -> int | None:
     if value is None:
         return None
     dt = datetime.fromisoformat(value)
@@ -167,7 +165,7 @@ def load_bars(cfg: DataConfig, paths: Sequence[Path] | None = None) -> RecordedB
     first_ts = [int(d["ts_ns"].filter(d["ts_ns"] >= 0).min() or 0) for _, d in frames]  # type: ignore[arg-type]
     ordered = [d for _, d in sorted(zip(first_ts, [f for _, f in frames], strict=True), key=lambda t: t[0])]
     df = pl.concat(ordered) if ordered else pl.DataFrame()
-    lo, hi = _bound_ns(cfg.start, cfg.timezone), _bound_ns(cfg.end, cfg.timezone)
+    lo, hi = bound_ns(cfg.start, cfg.timezone), bound_ns(cfg.end, cfg.timezone)
     if lo is not None:
         df = df.filter((pl.col("ts_ns") >= lo) | (pl.col("ts_ns") < 0))
     if hi is not None:
@@ -190,12 +188,29 @@ class ReplayFeed:
 
     CHUNK = 256
 
-    def __init__(self, bars: RecordedBars, speed: float = 0.0, start_row: int = 0) -> None:
+    def __init__(self, bars: RecordedBars, speed: float = 0.0) -> None:
         self.recorded = bars
         self.speed = speed
-        self.start_row = start_row  # rows before this were already processed (crash recovery)
+        self.start_row = 0  # rows before this were already processed (crash recovery)
+        self.done = False
 
-    async def batches(self) -> AsyncGenerator[list[tuple[Bar | None, int]], None]:
+    def origin(self, row: int) -> str:
+        return self.recorded.origin(row) if 0 <= row < len(self.recorded) else f"row {row}"
+
+    def resume_after(self, last_ts_ns: int, next_row: int) -> None:
+        """Continue from ``next_row`` (the rows before it were re-driven from the journal)."""
+        self.start_row = next_row
+
+    def health(self) -> ComponentHealth:
+        return ComponentHealth("recorded", not self.done)
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def batches(self) -> AsyncGenerator[Batch, None]:
         """Yields lists of (bar, row index); bar is None for a row whose timestamp could not be parsed.
 
         Unpaced replay hands out chunks (one await per chunk, not per bar) and yields to the event
@@ -205,8 +220,9 @@ class ReplayFeed:
         items = self.recorded.items()[self.start_row :]
         if self.speed <= 0:
             for s in range(0, len(items), self.CHUNK):
-                yield items[s : s + self.CHUNK]
+                yield Batch(BatchKind.LIVE, items[s : s + self.CHUNK])
                 await asyncio.sleep(0)
+            self.done = True
             return
         prev_ts: int | None = None
         for item in items:
@@ -215,4 +231,5 @@ class ReplayFeed:
                 if prev_ts is not None and bar.ts_ns > prev_ts:
                     await asyncio.sleep((bar.ts_ns - prev_ts) / 1e9 / self.speed)
                 prev_ts = bar.ts_ns
-            yield [item]
+            yield Batch(BatchKind.LIVE, [item])
+        self.done = True

@@ -26,8 +26,6 @@ flight; a trigger while busy is counted as skipped.
 from __future__ import annotations
 
 import hashlib
-import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +37,9 @@ import structlog
 
 from trader.config import Settings
 from trader.domain import ACTION_NAMES, Advice, PortfolioSnapshot
+from trader.errors import JournalError
+from trader.journal import reader, rows
+from trader.journal.rows import Row
 from trader.llm.backends import LLMBackend, LLMError, LLMReply, LLMTimeout
 from trader.llm.grammar import parse_answer
 from trader.llm.prompts import build_context, render
@@ -88,39 +89,18 @@ class RecordedAnswers:
     def __init__(self, journal: Path, run_id: str | None = None) -> None:
         if not journal.exists():
             raise LLMError(f"advisor.recorded_journal: {journal} not found")
-        con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
         try:
-            if run_id is None:
-                row = con.execute(
-                    "SELECT run_id FROM llm_queries GROUP BY run_id ORDER BY max(rowid) DESC LIMIT 1"
-                ).fetchone()
-                if row is None:
-                    raise LLMError(f"advisor.recorded_journal: {journal} has no recorded LLM queries")
-                run_id = row[0]
-            cfg = con.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
-            self.source_mode = json.loads(cfg[0])["advisor"]["mode"] if cfg else "sync"
-            self.answers: dict[str, tuple[str, tuple[float, ...] | None, float, int, int]] = {}
-            for phash, raw, probs, latency_ms, pt, ct in con.execute(
-                "SELECT prompt_hash, raw_answer, action_probs, latency_ms, prompt_tokens, completion_tokens "
-                "FROM llm_queries WHERE run_id=? AND raw_answer IS NOT NULL",
-                (run_id,),
-            ):
-                self.answers[phash] = (
-                    raw,
-                    tuple(json.loads(probs)) if probs else None,
-                    latency_ms / 1000.0,
-                    pt,
-                    ct,
-                )
-        except sqlite3.OperationalError as exc:
-            raise LLMError(f"advisor.recorded_journal: {journal} is not a trader journal: {exc}") from None
-        finally:
-            con.close()
-        self.run_id = run_id
+            self.run_id, self.source_mode, answers = reader.recorded_answers(journal, run_id)
+        except JournalError as exc:
+            raise LLMError(f"advisor.recorded_journal: {exc}") from None
+        self.answers: dict[str, tuple[str, tuple[float, ...] | None, float, int, int]] = {
+            h: (a.raw, a.action_probs, a.latency_s, a.prompt_tokens, a.completion_tokens)
+            for h, a in answers.items()
+        }
         log.info(
             "llm_recorded_loaded",
             journal=str(journal),
-            run_id=run_id,
+            run_id=self.run_id,
             answers=len(self.answers),
             source_mode=self.source_mode,
         )
@@ -134,7 +114,7 @@ class Advisor:
         *,
         mode: str,
         timing: str,
-        record: Callable[[str, tuple[Any, ...]], None],
+        record: Callable[[Row], None],
         run_id: str,
         clock: Any,
         recorded: RecordedAnswers | None = None,
@@ -143,7 +123,6 @@ class Advisor:
             raise ValueError(f"advisor mode {mode!r}")
         if mode != "recorded" and backend is None:
             raise ValueError("a backend is needed unless the mode is 'recorded'")
-        self.settings = settings
         self.backend = backend
         self.mode = mode
         self.timing = timing  # "bar" (replay) or "wall" (paper/live)
@@ -151,16 +130,11 @@ class Advisor:
         self.run_id = run_id
         self.clock = clock
         self.recorded = recorded
-        f, a = settings.fusion, settings.advisor
-        self.selective = f.use_selective_querying
-        self.interval = f.query_interval
-        self.threshold = f.confidence_threshold
-        self.decay = 1.0 - f.cache_decay_rate
-        self.ttl_ns = int(f.cache_ttl * 1e9)
+        self.reconfigure(settings)
+        a = settings.advisor
         self.timeout_s = a.query_timeout_s
         self.confidence_source = a.confidence_source
         self.only_actionable = a.only_when_actionable
-        self.log_queries = settings.logging.log_llm_queries
         self.stats = AdvisorStats()
         self._inflight: _Query | None = None
         self._advice: Advice | None = None  # the latest usable answer, undecayed
@@ -176,6 +150,27 @@ class Advisor:
         self._wall_due = False
         self._scheduler: Any = None
         self._last_ctx: tuple[int, int, Callable[[], Any], PortfolioSnapshot] | None = None
+
+    def reconfigure(self, settings: Settings) -> None:
+        """The schedule, cache, prompts and log channel from (reloaded) settings; called by a
+        reload after the whole new config was validated, between bars."""
+        f = settings.fusion
+        self.settings = settings
+        self.selective = f.use_selective_querying
+        self.interval = f.query_interval
+        self.threshold = f.confidence_threshold
+        self.decay = 1.0 - f.cache_decay_rate
+        self.ttl_ns = int(f.cache_ttl * 1e9)
+        self.log_queries = settings.logging.log_llm_queries
+
+    def continue_after(self, query_id: int) -> None:
+        """A continued run: number new queries after the journaled ones."""
+        self._qid = max(self._qid, query_id)
+
+    @property
+    def busy(self) -> bool:
+        """A query is in flight."""
+        return self._inflight is not None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -395,8 +390,7 @@ class Advisor:
     def _journal(self, q: _Query, parsed: Any, advice: Advice | None, available_bar: int | None) -> None:
         r = q.reply
         self.record(
-            "llm_queries",
-            (
+            rows.llm_query(
                 self.run_id,
                 q.qid,
                 q.bar_index,
@@ -410,14 +404,14 @@ class Advisor:
                 None if parsed is None else ACTION_NAMES[parsed.action],
                 None if parsed is None else parsed.confidence,
                 None if advice is None else advice.logit_confidence,
-                json.dumps([round(p, 6) for p in r.action_probs]) if r and r.action_probs else None,
+                r.action_probs if r else None,
                 None if advice is None else advice.confidence,
                 None if r is None else round(r.latency_s * 1000.0, 3),
                 None if r is None else r.prompt_tokens,
                 None if r is None else r.completion_tokens,
                 q.error or ("timeout" if r is not None and r.timed_out else None),
                 available_bar,
-            ),
+            )
         )
         if self.log_queries:
             log.info(

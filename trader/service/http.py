@@ -6,6 +6,8 @@ GET  /state     JSON: position, stop, balance, equity, drawdown threshold, halt 
 POST /halt      no new entries (positions and their stops stay)            } bearer token from
 POST /resume    entries allowed again                                       } the environment
 POST /flatten   close the position at the next bar and halt entries        } (constant-time)
+POST /kill      kill switch: flatten and no entries until /rearm            }
+POST /rearm     release the operator kill switch                            }
 
 Control requests need ``Authorization: Bearer <token>`` where the token is read from the
 environment variable named by ``service.control_token_env``; without that variable control is
@@ -19,7 +21,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,10 +31,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from trader.controls import OPERATOR_ACTIONS
 from trader.domain import ACTION_NAMES
 
 if TYPE_CHECKING:
-    from trader.service.runner import Service
+    from trader.service.operator import Operator
 
 log = structlog.get_logger(__name__)
 
@@ -53,14 +56,15 @@ def _hist(name: str, doc: str, values_s: np.ndarray, buckets: tuple[float, ...])
 
 
 class EngineCollector(Collector):
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, operator: Operator) -> None:
+        self.operator = operator
 
     def collect(self) -> Iterator[Any]:
-        svc = self.service
-        eng = svc.engine
+        op = self.operator
+        eng = op.engine
         st = eng.stats
         pf = eng.portfolio
+        controls = op.controls
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, value=value)
@@ -81,13 +85,12 @@ class EngineCollector(Collector):
             "action",
             {ACTION_NAMES[i]: n for i, n in enumerate(st.actions)},
         )
-        lat = np.asarray(st.latencies_ns, dtype=np.float64) / 1e9
+        lat = np.asarray(st.latencies_ns[-10_000:], dtype=np.float64) / 1e9
         yield _hist("trader_decision_latency_seconds", "Bar in to order intent out", lat, LATENCY_BUCKETS_S)
-        yield counter("trader_orders", "Orders submitted", svc.orders)
-        yield counter("trader_fills", "Fills received", eng._fill_seq)
-        yield counter("trader_order_rejects", "Orders rejected by the broker", svc.order_rejects)
-        g = GaugeMetricFamily("trader_position_contracts", "Signed position", value=pf.position)
-        yield g
+        yield counter("trader_orders", "Orders submitted", st.orders)
+        yield counter("trader_fills", "Fills received", st.fills)
+        yield counter("trader_order_rejects", "Orders rejected by the broker", st.order_rejects)
+        yield GaugeMetricFamily("trader_position_contracts", "Signed position", value=pf.position)
         equity = pf.balance_usd + pf.unrealized_usd
         yield GaugeMetricFamily("trader_equity_usd", "Balance + unrealized P&L", value=equity)
         yield GaugeMetricFamily("trader_balance_usd", "Realized balance", value=pf.balance_usd)
@@ -96,44 +99,41 @@ class EngineCollector(Collector):
             "Equity above the trailing drawdown threshold",
             value=equity - pf.threshold_usd,
         )
-        yield GaugeMetricFamily("trader_halted", "1 while entries are halted", value=float(svc.halted))
-        yield GaugeMetricFamily("trader_stale_data", "1 while bars are stale", value=float(svc.stale))
-        feed = eng.feed
-        if hasattr(feed, "reconnects"):
-            f: Any = feed
-            yield GaugeMetricFamily(
-                "trader_feed_connected", "1 while the market-data feed is up", value=float(f.connected)
-            )
-            yield counter("trader_feed_reconnects", "Market-data reconnects", f.reconnects)
-            yield counter("trader_feed_duplicate_bars", "Bar updates dropped as duplicates", f.duplicates)
-            yield counter(
-                "trader_feed_out_of_order_bars", "Bar updates dropped as out of order", f.out_of_order
-            )
-            yield counter(
-                "trader_feed_malformed_frames", "Malformed frames skipped", f.malformed + f.bad_bars
-            )
-        broker: Any = eng.broker
-        if hasattr(broker, "reconciles"):
-            yield GaugeMetricFamily(
-                "trader_broker_connected", "1 while the user-data stream is up", value=float(broker.connected)
-            )
-            yield GaugeMetricFamily(
-                "trader_reconcile_mismatch",
-                "1 while a broker/journal mismatch halts entries",
-                value=float(bool(broker.mismatch)),
-            )
-            yield counter("trader_reconciles", "Reconciliations with the broker", broker.reconciles)
-            yield counter("trader_broker_reconnects", "User-data reconnects", broker.reconnects)
-            yield counter("trader_order_rejects_broker", "Orders refused by the broker", broker.rejects)
-            yield counter(
-                "trader_orders_found_after_ambiguous_send",
-                "Ambiguous sends found placed",
-                broker.adopted_orders,
-            )
-        age = svc.last_bar_age_s()
+        yield GaugeMetricFamily(
+            "trader_halted", "1 while entries are halted (any cause)", value=float(controls.halted)
+        )
+        yield GaugeMetricFamily(
+            "trader_operator_halt",
+            "1 while an operator halt is on",
+            value=float(bool(controls.operator_halt)),
+        )
+        yield GaugeMetricFamily("trader_stale_data", "1 while bars are stale", value=float(controls.stale))
+        yield GaugeMetricFamily(
+            "trader_journal_ok",
+            "1 while the journal can be written",
+            value=float(op.journal_problem() is None),
+        )
+        yield GaugeMetricFamily(
+            "trader_reconcile_mismatch",
+            "1 while a broker/journal mismatch halts entries",
+            value=float(bool(controls.reconcile_mismatch)),
+        )
+        f = eng.feed.health()
+        yield GaugeMetricFamily("trader_feed_connected", "1 while the feed is up", value=float(f.connected))
+        for k, v in f.counters:
+            yield counter(f"trader_feed_{k}", f"Feed: {k.replace('_', ' ')}", v)
+        b = eng.broker.health()
+        yield GaugeMetricFamily(
+            "trader_broker_connected", "1 while the broker is up", value=float(b.connected)
+        )
+        for k, v in b.counters:
+            yield counter(f"trader_broker_{k}", f"Broker: {k.replace('_', ' ')}", v)
+        age = op.last_bar_age_s()
         yield GaugeMetricFamily(
             "trader_last_bar_age_seconds", "Since the last bar finished", value=age or 0.0
         )
+        yield counter("trader_reloads", "Config reloads applied", op.reloads)
+        yield counter("trader_reload_rejects", "Config reloads rejected", op.reload_rejects)
         adv = eng.advisor
         if adv is not None:
             a = adv.stats  # type: ignore[attr-defined]
@@ -152,18 +152,19 @@ class EngineCollector(Collector):
 
 
 class ControlServer:
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        cfg = service.settings.service
+    def __init__(self, operator: Operator, stopping: Callable[[], bool]) -> None:
+        self.operator = operator
+        self.stopping = stopping
+        cfg = operator.settings.service
         self.host, self.port = cfg.http_host, cfg.http_port
         self.token = os.environ.get(cfg.control_token_env, "")
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(EngineCollector(service))
+        self.registry.register(EngineCollector(operator))
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/state", self.state)
-        for action in ("halt", "resume", "flatten"):
+        for action in OPERATOR_ACTIONS:
             self.app.router.add_post(f"/{action}", self.control)
         self._runner: web.AppRunner | None = None
 
@@ -188,10 +189,9 @@ class ControlServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
         log.info("http_listening", host=self.host, port=self.port, control=bool(self.token))
         return self.port
 
@@ -201,25 +201,25 @@ class ControlServer:
             self._runner = None
 
     async def healthz(self, request: web.Request) -> web.Response:
-        body = self.service.health()
+        body = self.operator.health(self.stopping())
         return web.json_response(body, status=200 if body["ok"] else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
 
     async def state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.service.state())
+        return web.json_response(self.operator.state())
 
     async def control(self, request: web.Request) -> web.Response:
         action = request.path.strip("/")
         source = request.remote or "?"
         if not self.token:
-            self.service.journal_control(action, source, "refused: control disabled")
+            self.operator.refused(action, source, "control disabled")
             return web.json_response({"error": "control is disabled (no token configured)"}, status=403)
         auth = request.headers.get("Authorization", "")
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            self.service.journal_control(action, source, "refused: bad token")
+            self.operator.refused(action, source, "bad token")
             log.warning("control_refused", action=action, source=source)
             return web.json_response(
                 {"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"}
@@ -239,5 +239,5 @@ class ControlServer:
                         {"error": "body must be an object with a string 'reason'"}, status=400
                     )
                 reason = payload.get("reason", "")[:200]
-        result = self.service.control(action, source, reason)
+        result = self.operator.control(action, source, reason)
         return web.json_response({"ok": True, "action": action, **result, "at": time.time()})

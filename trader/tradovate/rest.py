@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from trader.config import TradovateConfig
+from trader.errors import BrokerError
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +52,7 @@ URLS = {
 }
 
 
-class TradovateError(RuntimeError):
+class TradovateError(BrokerError):
     pass
 
 

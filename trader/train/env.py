@@ -36,12 +36,13 @@ import gymnasium as gym
 import numpy as np
 
 from trader.config import Settings
-from trader.decision.risk import RiskEngine, load_rules
-from trader.domain import N_ACTIONS, Bar
-from trader.engine import Engine, JournalSink, NullJournal, _accepted_rows
-from trader.execution.brokers.paper import PaperBroker
+from trader.decision.risk import load_rules
+from trader.domain import N_ACTIONS, ComponentHealth, Observed, PolicyChoice
+from trader.engine import Engine, NullJournal
 from trader.features.observation import BulkFeatures, load_feature_blocks
 from trader.feeds.replay import RecordedBars, load_bars
+from trader.ports import Batch, JournalSink
+from trader.wiring import accepted_rows, build_training_engine
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class RewardConfig:
 class _ScriptedPolicy:
     """Engine.policy is unused here: the environment calls observe/decide itself."""
 
-    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[int, float, list[float]]:
+    name = "agent"
+
+    def act(self, o: Observed) -> PolicyChoice:
         raise RuntimeError("the training environment supplies actions through step()")
 
 
@@ -82,7 +85,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         self.shuffle = shuffle
         self.journal = journal or NullJournal()
         recorded = load_bars(settings.data, data_paths)
-        accepted = _accepted_rows(recorded)
+        accepted = accepted_rows(recorded)
         self.bars = _subset(recorded, accepted)
         cols = {k: getattr(self.bars, k) for k in ("ts_ns", "open", "high", "low", "close", "volume")}
         self.blocks = load_feature_blocks(settings.features.custom_blocks)
@@ -102,6 +105,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         self._order: list[int] = []
         self._episode = -1
         self.engine: Engine | None = None
+        self._o: Observed | None = None  # the bar awaiting the agent's action
         self._row = 0
         self._end = 0
         self._peak = 0.0
@@ -112,11 +116,11 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
     # -- episodes ---------------------------------------------------------------------------------
     def _episodes(self, start: str | None, end: str | None) -> list[tuple[int, int]]:
         """(first decision row, end row exclusive) of every session in [start, end) with ready bars."""
-        from trader.feeds.replay import _bound_ns
+        from trader.feeds.replay import bound_ns
 
         ts = self.bars.ts_ns
-        lo = _bound_ns(start, self.settings.data.timezone)
-        hi = _bound_ns(end, self.settings.data.timezone)
+        lo = bound_ns(start, self.settings.data.timezone)
+        hi = bound_ns(end, self.settings.data.timezone)
         sess = self.clock.session_id_batch(ts)
         ready = self.features.ready_col.copy()
         ready[: self.settings.features.warmup_bars] = False
@@ -157,21 +161,16 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         s = self.settings
         self.features.seek(start)
         self.run_id = f"train-{uuid.uuid4().hex[:12]}"
-        eng = self.engine = Engine(
-            s,
-            feed=_NoFeed(),
-            broker=PaperBroker(s),
-            policy=_ScriptedPolicy(),
-            features=self.features,
-            journal=self.journal,
-            run_id=self.run_id,
-            risk=RiskEngine(s, self.clock, self.rules),
+        # warm-up is counted in rows of the whole file: the first bar gets index ``start``
+        self.engine = build_training_engine(
+            s, self.features, self.journal, self.run_id, start, _NoFeed(), _ScriptedPolicy(), self.rules
         )
-        eng.bar_index = start  # warm-up is counted in rows of the whole file
+        self._o = None
         self._equity = self._peak = s.account.starting_balance_usd
         self._dd = 0.0
         self._advance()  # to the first bar that needs the agent (reward before it is not the agent's)
-        obs = eng.obs.copy() if eng.ready else np.zeros(self.layout.dim, np.float32)
+        o = self._o
+        obs = o.obs.copy() if o is not None and o.ready else np.zeros(self.layout.dim, np.float32)
         return obs, self._info()
 
     def step(self, action: np.int64 | int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -179,7 +178,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         if eng is None:
             raise RuntimeError("call reset() first")
         a = int(action)
-        if not eng.mask[a]:
+        if self._o is None or not self._o.mask[a]:
             a = 0  # an illegal action is HOLD (MaskablePPO never samples one)
         self._decide(a)  # orders fill on the next bar: equity does not move here
         reward = 0.0
@@ -191,13 +190,14 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
             done = breached or self._row >= self._end
         if breached:
             reward -= self.reward_cfg.breach_penalty
-        obs = eng.obs.copy()
+        assert self._o is not None
+        obs = self._o.obs.copy()
         return obs, reward, done, False, self._info()
 
     def action_masks(self) -> np.ndarray:
-        if self.engine is None:
+        if self._o is None:
             return np.ones(N_ACTIONS, dtype=bool)
-        return self.engine.mask.copy()
+        return self._o.mask.copy()
 
     def close(self) -> None:
         if not self._loop.is_closed():
@@ -205,9 +205,9 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
 
     # -- internals --------------------------------------------------------------------------------
     def _decide(self, a: int) -> None:
-        eng = self.engine
-        assert eng is not None
-        self._loop.run_until_complete(eng.decide(a, 1.0, _one_hot(a)))
+        eng, o = self.engine, self._o
+        assert eng is not None and o is not None
+        self._loop.run_until_complete(eng.decide(o, PolicyChoice(a, 1.0, _one_hot(a))))
 
     def _observe_next(self) -> bool:
         """Observe the next row; False at the end of the episode."""
@@ -215,17 +215,19 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         assert eng is not None
         if self._row >= self._end:
             return False
-        ok = eng.observe(self.bars.bar(self._row))
+        self._o = eng.observe(self.bars.bar(self._row))
         self._row += 1
-        assert ok, "rows were pre-validated"
+        assert self._o is not None, "rows were pre-validated"
         return True
 
     def _idle(self) -> bool:
-        eng = self.engine
-        assert eng is not None
-        if not eng.ready:
+        eng, o = self.engine, self._o
+        assert eng is not None and o is not None
+        if not o.ready:
             return True
-        return self.skip_idle and eng.portfolio.position == 0 and not self.clock.in_entry_window(eng._minute)
+        return (
+            self.skip_idle and eng.portfolio.position == 0 and not self.clock.in_entry_window(o.minute_of_day)
+        )
 
     def _advance(self) -> float:
         """Observe rows until one needs the agent (HOLD on idle ones); returns their reward."""
@@ -263,17 +265,32 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         pf = eng.portfolio
         return {
             "session": self._episode,
-            "bar_index": eng._i,
-            "ts_ns": eng._bar.ts_ns,
+            "bar_index": -1 if self._o is None else self._o.index,
+            "ts_ns": -1 if self._o is None else self._o.bar.ts_ns,
             "equity": pf.balance_usd + pf.unrealized_usd,
             "position": pf.position,
         }
 
 
 class _NoFeed:
-    async def batches(self) -> AsyncGenerator[list[tuple[Bar | None, int]], None]:
+    async def batches(self) -> AsyncGenerator[Batch, None]:
         return
         yield
+
+    def origin(self, row: int) -> str:
+        return f"row {row}"
+
+    def resume_after(self, last_ts_ns: int, next_row: int) -> None:
+        return None
+
+    def health(self) -> ComponentHealth:
+        return ComponentHealth("training", True)
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 def _one_hot(a: int) -> list[float]:

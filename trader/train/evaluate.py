@@ -29,39 +29,20 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from trader.config import Settings
-from trader.engine import RunStats, _accepted_rows, build_replay
+from trader.config import PolicyConfig, Settings
+from trader.engine import Engine, RunStats
 from trader.features.clock import SessionClock
-from trader.features.indicators import EMA
-from trader.feeds.replay import _bound_ns, load_bars
+from trader.feeds.replay import bound_ns, load_bars
 from trader.report import daily_returns, ratio
+from trader.wiring import accepted_rows, build_replay
 
 EMA_FAST, EMA_SLOW = 20, 50
 
 
-class HoldPolicy:
-    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[int, float, list[float]]:
-        return 0, 1.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-
-
-class EmaCrossPolicy:
-    """BUY on an up-cross of EMA(20) over EMA(50), SELL on a down-cross, else HOLD."""
-
-    def __init__(self, close: np.ndarray, features: Any) -> None:
-        fast, slow = EMA.batch(close, EMA_FAST), EMA.batch(close, EMA_SLOW)
-        side = np.sign(fast - slow)
-        prev = np.concatenate(([0.0], side[:-1]))
-        self.signal = np.where((side > 0) & (prev <= 0), 1, np.where((side < 0) & (prev >= 0), 2, 0))
-        self.signal[np.isnan(fast - slow)] = 0
-        self.features = features
-
-    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[int, float, list[float]]:
-        a = int(self.signal[self.features.index])
-        if not mask[a]:
-            a = 0
-        p = [0.0] * 6
-        p[a] = 1.0
-        return a, 1.0, p
+async def _run(eng: Engine) -> RunStats:
+    stats = await eng.run()
+    await eng.close()
+    return stats
 
 
 def _iso(ts_ns: int, tz: str) -> str:
@@ -94,9 +75,9 @@ def evaluate(
     """Run the policy and the baselines on [eval_from, eval_to); returns a table of statistics."""
     tz = settings.data.timezone
     rec = load_bars(settings.data, data_paths)
-    acc = _accepted_rows(rec)
+    acc = accepted_rows(rec)
     ts_all = rec.ts_ns[acc]
-    lo = _bound_ns(eval_from, tz)
+    lo = bound_ns(eval_from, tz)
     assert lo is not None
     first = int(np.searchsorted(ts_all, lo))
     warm = settings.features.warmup_bars
@@ -117,17 +98,21 @@ def evaluate(
     clock = SessionClock(settings.instrument)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("policy", "flat", "ema_cross"):
-            run = build_replay(base, Path(tmp) / f"{name}.sqlite", data_paths)
+        for name, policy in (
+            ("policy", base.policy),
+            ("flat", PolicyConfig(path=Path("trader.policy.rules:Flat"))),
+            (
+                "ema_cross",
+                PolicyConfig(
+                    path=Path("trader.policy.rules:EmaCross"), options={"fast": EMA_FAST, "slow": EMA_SLOW}
+                ),
+            ),
+        ):
+            arm = base.model_copy(update={"policy": policy})
+            run = build_replay(arm, Path(tmp) / f"{name}.sqlite", data_paths)
             eng = run.engine
-            if name == "flat":
-                eng.policy = HoldPolicy()
-            elif name == "ema_cross":
-                assert run.recorded is not None
-                close = run.recorded.close[_accepted_rows(run.recorded)]
-                eng.policy = EmaCrossPolicy(close, eng.features)
             try:
-                stats: RunStats = asyncio.run(eng.run())
+                stats: RunStats = asyncio.run(_run(eng))
             finally:
                 run.journal.close()
             ts = np.asarray(stats.ts_ns, dtype=np.int64)
@@ -139,7 +124,7 @@ def evaluate(
             )
             pnls = [t.pnl_usd for t in eng.portfolio.trades if t.entry_ts_ns >= lo]
             results[name] = _summary(ts[keep], eq[keep], pnls, start_eq, clock)
-    hi = _bound_ns(eval_to, tz)
+    hi = bound_ns(eval_to, tz)
     window = (ts_all >= lo) & (ts_all < hi if hi is not None else True)
     ts_eval, close_eval = ts_all[window], rec.close[acc][window]
     results["buy_and_hold"] = _buy_and_hold(base, ts_eval, close_eval, clock)

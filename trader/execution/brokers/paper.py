@@ -9,7 +9,7 @@ Commission is charged per side per contract. All fill prices are on the tick gri
 from __future__ import annotations
 
 from trader.config import Settings
-from trader.domain import Bar, Fill, OrderIntent, Side, TickGrid
+from trader.domain import Bar, BrokerEvent, ComponentHealth, Fill, OrderIntent, Side, TickGrid
 
 
 class PaperBroker:
@@ -23,7 +23,7 @@ class PaperBroker:
         self.pending: list[OrderIntent] = []
         self.working_stop: float | None = None
         self.position = 0  # the broker's own view, to size the stop
-        self._fills: list[Fill] = []
+        self._events: list[BrokerEvent] = []
         self._stop_seq = 0
 
     async def start(self) -> None:
@@ -43,7 +43,7 @@ class PaperBroker:
         self.position += int(side) * qty
         if self.position == 0:
             self.working_stop = None  # the stop is part of the position's bracket
-        self._fills.append(f)
+        self._events.append(f)
         return f
 
     def on_bar(self, bar: Bar) -> None:
@@ -73,7 +73,7 @@ class PaperBroker:
             self._stop_seq += 1
             self._fill(f"stop-{bar.ts_ns}-{self._stop_seq}", bar.ts_ns, Side.BUY, -pos, price, "stop")
 
-    def flatten_at(self, intent: OrderIntent, bar: Bar) -> None:
+    async def flatten_now(self, intent: OrderIntent, bar: Bar) -> None:
         """Close the position now at this bar's close, slippage against us (a market order
         sent between bars, e.g. when the service stops with ``on_stop = flatten``)."""
         qty = min(intent.qty, abs(self.position))
@@ -81,8 +81,18 @@ class PaperBroker:
             price = bar.close + self.slip * int(intent.side)
             self._fill(intent.client_id, bar.ts_ns, intent.side, qty, price, intent.purpose)
 
-    def drain_fills(self) -> list[Fill]:
-        if not self._fills:
+    async def cancel_entries(self) -> list[str]:
+        """Drop entry orders not yet filled (exits and flattens stay)."""
+        kept = [o for o in self.pending if o.purpose.startswith(("exit", "flatten"))]
+        dropped = [o.client_id for o in self.pending if o not in kept]
+        self.pending = kept
+        return dropped
+
+    def drain_events(self) -> list[BrokerEvent]:
+        if not self._events:
             return []
-        out, self._fills = self._fills, []
+        out, self._events = self._events, []
         return out
+
+    def health(self) -> ComponentHealth:
+        return ComponentHealth("paper", True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,18 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from trader.config import Settings
-from trader.domain import Bar, Fill, OrderIntent, Side, TickGrid
+from trader.domain import (
+    Bar,
+    BrokerEvent,
+    BrokerProblem,
+    ComponentHealth,
+    Fill,
+    OrderIntent,
+    OrderRejected,
+    ReconcileReport,
+    Side,
+    TickGrid,
+)
 from trader.tradovate.protocol import iso_to_ns
 from trader.tradovate.rest import (
     PenaltyError,
@@ -127,15 +137,15 @@ class TradovateBroker:
         settings: Settings,
         rest: TradovateRest,
         run_tag: str,
-        engine_position: Callable[[], int],
-        known_client_ids: Callable[[], set[str]] = set,
+        known_client_ids: frozenset[str] = frozenset(),
         fills_after_ns: int = -1,
     ) -> None:
+        """``known_client_ids``: orders this run sent before a restart (from the journal);
+        ``fills_after_ns``: the broker's fills up to this time are already in the journal."""
         self.settings = settings
         self.cfg = settings.tradovate
         self.rest = rest
         self.run_tag = run_tag
-        self.engine_position = engine_position
         self.known_client_ids = known_client_ids
         self.fills_after_ns = fills_after_ns
         inst = settings.instrument
@@ -144,20 +154,20 @@ class TradovateBroker:
         self.book = OrderBook()
         self.working_stop: float | None = None
         self.stop_order_id: int | None = None
-        self.position = 0  # the broker's net position (from its events)
+        self.position = 0  # the broker's net position (from its position events)
+        self.fill_position = 0  # the position after the fills reported so far (reconcile + fills)
+        self.disconnected_at: float | None = time.monotonic()
         self.net_price = 0.0
         self.last_price = 0.0
         self.account_id = 0
         self.account_spec = ""
         self.contract_id = 0
         self.connected = False
-        self.mismatch: str | None = None  # why entries are halted after a reconcile, if they are
         self.reconciles = 0
         self.rejects = 0
         self.adopted_orders = 0  # ambiguous sends found placed (not resent)
         self.reconnects = 0
-        self.on_adopt: Callable[[int, float, float | None], None] | None = None
-        self._fills: list[Fill] = []
+        self._events: list[BrokerEvent] = []
         self._seen_fills: set[int] = set()
         self._stop_seq = 0
         self._children: dict[int, int] = {}  # entry order id → its bracket stop's order id
@@ -196,6 +206,7 @@ class TradovateBroker:
         if self._socket is not None:
             await self._socket.close()
         self.connected = False
+        self.disconnected_at = time.monotonic()
 
     async def _connect(self) -> None:
         tok = self.rest.token
@@ -214,6 +225,7 @@ class TradovateBroker:
         await sock.request("user/syncrequest", body)
         self._socket = sock
         self.connected = True
+        self.disconnected_at = None
 
     async def _supervise(self) -> None:
         while True:
@@ -221,6 +233,7 @@ class TradovateBroker:
             assert sock is not None
             await sock.closed.wait()
             self.connected = False
+            self.disconnected_at = time.monotonic()
             self.reconnects += 1
             log.warning("user_connection_lost", reason=sock.close_reason)
             async for attempt in AsyncRetrying(
@@ -324,7 +337,9 @@ class TradovateBroker:
                     return None
                 return r
             if time.monotonic() > deadline:
-                self.mismatch = f"order {cid} could not be sent within {self.cfg.order_retry_s}s"
+                self._events.append(
+                    BrokerProblem(f"order {cid} could not be sent within {self.cfg.order_retry_s}s")
+                )
                 log.error("order_send_gave_up", client_id=cid, attempts=attempt)
                 return None
             await asyncio.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))
@@ -352,7 +367,7 @@ class TradovateBroker:
 
     def _refused(self, client_id: str, why: str) -> None:
         self.rejects += 1
-        log.warning("order_rejected", client_id=client_id, reason=why[:200])
+        self._events.append(OrderRejected(client_id, why))
 
     async def _liquidate(self, intent: OrderIntent) -> None:
         body = {"accountId": self.account_id, "contractId": self.contract_id, "admin": False}
@@ -426,14 +441,35 @@ class TradovateBroker:
             return False
         return True
 
+    async def flatten_now(self, intent: OrderIntent, last_bar: Bar) -> None:
+        await self._liquidate(intent)
+
+    async def cancel_entries(self) -> list[str]:
+        """Entries are market orders (filled at once); nothing waits to be cancelled."""
+        return []
+
     def on_bar(self, bar: Bar) -> None:
         self.last_price = bar.close
 
-    def drain_fills(self) -> list[Fill]:
-        if not self._fills:
+    def drain_events(self) -> list[BrokerEvent]:
+        if not self._events:
             return []
-        out, self._fills = self._fills, []
+        out, self._events = self._events, []
         return out
+
+    def health(self) -> ComponentHealth:
+        down = self.disconnected_at
+        return ComponentHealth(
+            "tradovate",
+            self.connected,
+            0.0 if down is None else time.monotonic() - down,
+            (
+                ("reconciles", self.reconciles),
+                ("reconnects", self.reconnects),
+                ("rejects", self.rejects),
+                ("orders_found_after_ambiguous_send", self.adopted_orders),
+            ),
+        )
 
     # -- events -------------------------------------------------------------------------------------
     def _on_event(self, m: dict[str, Any]) -> None:
@@ -473,17 +509,13 @@ class TradovateBroker:
             self.commission * qty,
             purpose,
         )
-        self._fills.append(fill)
-        after = self.position_after_fills()
-        if after == 0:
+        self._events.append(fill)
+        self.fill_position += int(side) * qty
+        if self.fill_position == 0:
             self.working_stop, self.stop_order_id = None, None
         log.info(
             "fill", client_id=cid, order_id=oid, side=int(side), qty=qty, price=fill.price, purpose=purpose
         )
-
-    def position_after_fills(self) -> int:
-        """The engine's position once the fills waiting to be drained are applied."""
-        return self.engine_position() + sum(int(f.side) * f.qty for f in self._fills)
 
     # -- reconciliation -----------------------------------------------------------------------------
     async def reconcile(self, why: str) -> None:
@@ -494,7 +526,7 @@ class TradovateBroker:
         commands = await self.rest.get("/command/list")
         self.reconciles += 1
         by_order_cid = {int(c["orderId"]): c.get("clOrdId") for c in commands or [] if c.get("orderId")}
-        known = self.known_client_ids()
+        known = self.known_client_ids
         mine = lambda cid: bool(cid) and (cid in known or str(cid).startswith(self.run_tag))  # noqa: E731
         # our orders this process has not tracked yet (placed before a restart, or while a send was
         # ambiguous): take them into the book
@@ -531,7 +563,7 @@ class TradovateBroker:
             self._on_fill(f)
         pos = next((p for p in positions or [] if int(p.get("contractId", 0)) == self.contract_id), None)
         broker_pos = int(pos.get("netPos") or 0) if pos else 0
-        self.position = broker_pos
+        self.position = self.fill_position = broker_pos
         self.net_price = float(pos.get("netPrice") or 0.0) if pos else 0.0
         unknown = [
             int(o["id"])
@@ -540,21 +572,7 @@ class TradovateBroker:
             and o.get("ordStatus") not in TERMINAL
             and int(o["id"]) not in self.book.orders
         ]
-        ours = self.position_after_fills()
-        problems = []
-        if broker_pos != ours:
-            problems.append(f"broker position {broker_pos:+d} != journal {ours:+d}")
-        if unknown:
-            problems.append(f"{len(unknown)} working order(s) unknown to this run: {unknown[:5]}")
-        if not problems:
-            if self.mismatch:
-                log.info("reconcile_ok_entries_allowed", why=why)
-            self.mismatch = None
-            log.info("reconciled", why=why, position=broker_pos, working=len(self.book.working()))
-            return
-        text = "; ".join(problems)
-        if self.cfg.adopt_broker_state:
-            stop = None
+        if unknown and self.cfg.adopt_broker_state:
             for o in orders or []:
                 if int(o["id"]) in unknown:
                     side = Side.BUY if o["action"] == "Buy" else Side.SELL
@@ -563,11 +581,20 @@ class TradovateBroker:
                             int(o["id"]), f"broker-{o['id']}", "adopted", side, 0, str(o["ordStatus"])
                         )
                     )
-            if self.on_adopt is not None:
-                self.on_adopt(broker_pos, self.net_price, stop)
-            self._fills.clear()
-            self.mismatch = None
-            log.warning("reconcile_adopted", why=why, problems=text, position=broker_pos)
-            return
-        self.mismatch = f"reconcile ({why}): {text}"
-        log.error("reconcile_mismatch", why=why, problems=text)
+        stop = self._stop_price_of(orders or [])
+        if stop is not None:
+            self.working_stop = stop
+        self._events.append(
+            ReconcileReport(why, broker_pos, self.net_price, self.working_stop, tuple(unknown))
+        )
+        log.info(
+            "broker_report", why=why, position=broker_pos, working=len(self.book.working()), unknown=unknown
+        )
+
+    def _stop_price_of(self, orders: list[dict[str, Any]]) -> float | None:
+        """The working stop's price as the broker lists it (``stopPrice`` when the list has it)."""
+        sid = self.stop_order_id
+        for o in orders:
+            if sid is not None and int(o["id"]) == sid and o.get("stopPrice") is not None:
+                return self.grid.round(float(o["stopPrice"]))
+        return None

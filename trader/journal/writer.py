@@ -25,7 +25,7 @@ control         every control request (halt, resume, flatten, reload, stop): whe
 
 from __future__ import annotations
 
-import json
+import os
 import sqlite3
 import threading
 import time
@@ -35,84 +35,13 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT, mode TEXT NOT NULL,
-    status TEXT NOT NULL, config_json TEXT NOT NULL, policy_path TEXT, layout_hash TEXT,
-    data_files TEXT, bars INTEGER, bars_rejected INTEGER, report_json TEXT
-);
-CREATE TABLE IF NOT EXISTS bars_rejected (
-    run_id TEXT NOT NULL, seq INTEGER NOT NULL, ts_ns INTEGER, origin TEXT, reason TEXT NOT NULL,
-    open REAL, high REAL, low REAL, close REAL, volume REAL
-);
-CREATE TABLE IF NOT EXISTS decisions (
-    run_id TEXT NOT NULL, bar_index INTEGER NOT NULL, ts_ns INTEGER NOT NULL, close REAL NOT NULL,
-    p_hold REAL, p_buy REAL, p_sell REAL, p_move_to_be REAL, p_enable_trail REAL, p_disable_trail REAL,
-    rl_action INTEGER, rl_conf REAL, llm_action INTEGER, llm_conf REAL, llm_age_bars INTEGER,
-    method TEXT NOT NULL, reasons TEXT, fused_action INTEGER NOT NULL, final_action INTEGER NOT NULL,
-    vetoes TEXT, flatten_reason TEXT, position INTEGER NOT NULL, balance_usd REAL NOT NULL,
-    equity_usd REAL NOT NULL, threshold_usd REAL NOT NULL, latency_us REAL,
-    PRIMARY KEY (run_id, bar_index)
-);
-CREATE TABLE IF NOT EXISTS orders (
-    run_id TEXT NOT NULL, client_id TEXT NOT NULL, bar_index INTEGER, ts_ns INTEGER, side INTEGER,
-    qty INTEGER, kind TEXT, purpose TEXT, stop_ticks INTEGER, PRIMARY KEY (run_id, client_id)
-);
-CREATE TABLE IF NOT EXISTS fills (
-    run_id TEXT NOT NULL, seq INTEGER NOT NULL, client_id TEXT, ts_ns INTEGER, side INTEGER, qty INTEGER,
-    price REAL, commission_usd REAL, purpose TEXT, PRIMARY KEY (run_id, seq)
-);
-CREATE TABLE IF NOT EXISTS trades (
-    run_id TEXT NOT NULL, seq INTEGER NOT NULL, entry_ts_ns INTEGER, exit_ts_ns INTEGER, side INTEGER,
-    qty INTEGER, entry_price REAL, exit_price REAL, pnl_usd REAL, exit_reason TEXT,
-    PRIMARY KEY (run_id, seq)
-);
-CREATE TABLE IF NOT EXISTS llm_queries (
-    run_id TEXT NOT NULL, query_id INTEGER NOT NULL, bar_index INTEGER, ts_ns INTEGER, trigger TEXT,
-    backend TEXT, prompt_hash TEXT, system_prompt TEXT, user_prompt TEXT, raw_answer TEXT,
-    parsed_action TEXT, stated_conf REAL, logit_conf REAL, action_probs TEXT, used_conf REAL,
-    latency_ms REAL, prompt_tokens INTEGER, completion_tokens INTEGER, error TEXT, available_bar INTEGER,
-    PRIMARY KEY (run_id, query_id)
-);
-CREATE TABLE IF NOT EXISTS account (
-    run_id TEXT NOT NULL, ts_ns INTEGER, position INTEGER, avg_entry REAL, stop_price REAL,
-    balance_usd REAL, equity_usd REAL, peak_equity_usd REAL, threshold_usd REAL, daily_pnl_usd REAL,
-    consecutive_losses INTEGER, reason TEXT
-);
-CREATE TABLE IF NOT EXISTS bars (
-    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, bar_index INTEGER, ts_ns INTEGER NOT NULL,
-    open REAL, high REAL, low REAL, close REAL, volume REAL, fills_through INTEGER,
-    PRIMARY KEY (run_id, seq)
-);
-CREATE TABLE IF NOT EXISTS control (
-    run_id TEXT NOT NULL, at TEXT NOT NULL, action TEXT NOT NULL, source TEXT, reason TEXT, result TEXT
-);
-"""
+from trader.errors import JournalError
+from trader.journal import rows
+from trader.journal.rows import Row
 
-_INSERTS = {
-    "bars_rejected": 10,
-    "decisions": 26,
-    "orders": 9,
-    "fills": 9,
-    "trades": 10,
-    "account": 12,
-    "llm_queries": 20,
-    "control": 6,
-    "bars": 11,
-}
+_INSERTS = rows.COLUMNS
 _MAX_VARIABLES = 8000  # bound parameters per statement (SQLite allows 32766 since 3.32)
 _URGENT = frozenset({"orders", "fills", "trades", "account", "llm_queries", "control"})
-
-# Columns that must be identical between two replays of the same inputs (determinism check).
-DECISION_COLUMNS = (
-    "bar_index, ts_ns, close, p_hold, p_buy, p_sell, p_move_to_be, p_enable_trail, p_disable_trail, "
-    "rl_action, rl_conf, llm_action, llm_conf, llm_age_bars, method, reasons, fused_action, final_action, "
-    "vetoes, flatten_reason, position, balance_usd, equity_usd, threshold_usd"
-)
-
-
-class JournalError(RuntimeError):
-    pass
 
 
 class Journal:
@@ -133,9 +62,14 @@ class Journal:
         self._error: BaseException | None = None
         self._stopping = False
         con = self._connect()
-        con.executescript(SCHEMA)
+        con.executescript(rows.SCHEMA)
+        for table, column, sql in rows.MIGRATIONS:
+            if column not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
+                con.execute(sql)
         con.commit()
         con.close()
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         self._thread = threading.Thread(target=self._writer, name="journal-writer", daemon=True)
         self._thread.start()
         self._closed = False
@@ -157,14 +91,19 @@ class Journal:
         layout_hash: str,
         data_files: Sequence[str],
     ) -> None:
+        params = rows.run_params(run_id, _now(), mode, config_json, policy_path, layout_hash, data_files)
+        self._execute_now(rows.INSERT_RUN, params)
+
+    def _execute_now(self, sql: str, params: tuple[Any, ...]) -> None:
+        """One statement outside the batches (run bookkeeping before the first bar)."""
         con = self._connect()
-        with con:
-            con.execute(
-                "INSERT INTO runs (run_id, started_at, mode, status, config_json, policy_path, layout_hash, "
-                "data_files) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-                (run_id, _now(), mode, config_json, policy_path, layout_hash, json.dumps(list(data_files))),
-            )
-        con.close()
+        try:
+            with con:
+                con.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: {exc}") from exc
+        finally:
+            con.close()
 
     def commit_point(self) -> None:
         """Everything recorded before this point may be committed together; rows after it wait
@@ -173,11 +112,12 @@ class Journal:
         committed all together or not at all."""
         self._buf.append(("__point__", None))
 
-    def record(self, table: str, row: tuple[Any, ...]) -> None:
+    def record(self, row: Row) -> None:
         if self._error is not None:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
         buf = self._buf
-        buf.append((table, row))
+        table = row[0]
+        buf.append(row)
         if (table in _URGENT or len(buf) >= self.batch_size) and not self._wake.is_set():
             self._wake.set()
 
@@ -186,41 +126,42 @@ class Journal:
     ) -> None:
         """Mark the run finished in the same transaction as its last rows (a crash leaves either
         both or neither)."""
-        self._buf.append(
-            (
-                "__sql__",
-                (
-                    "UPDATE runs SET finished_at=?, status=?, bars=?, bars_rejected=?, report_json=? "
-                    "WHERE run_id=?",
-                    (_now(), status, bars, bars_rejected, json.dumps(report, default=str), run_id),
-                ),
-            )
-        )
+        params = rows.finish_params(run_id, _now(), status, bars, bars_rejected, report)
+        self._buf.append(("__sql__", (rows.FINISH_RUN, params)))
         self.flush()
 
     def resume_run(self, run_id: str) -> None:
-        con = self._connect()
-        with con:
-            con.execute("UPDATE runs SET status='running', finished_at=NULL WHERE run_id=?", (run_id,))
-        con.close()
+        """Mark a stopped, failed or crashed run running again (it continues)."""
+        self._execute_now(rows.RESUME_RUN, (run_id,))
 
     @staticmethod
-    def unfinished_run(path: str | Path, mode: str) -> tuple[str, str] | None:
-        """The latest run of this mode still marked running (the process died): (run_id, config)."""
-        if not Path(path).exists():
-            return None
+    def mark_abandoned(path: str | Path, run_id: str) -> None:
+        """``--fresh``: the old run stays in the journal, marked abandoned, and is never continued."""
         con = sqlite3.connect(path)
         try:
-            row = con.execute(
-                "SELECT run_id, config_json FROM runs WHERE mode=? AND status='running' "
-                "ORDER BY started_at DESC, rowid DESC LIMIT 1",
-                (mode,),
-            ).fetchone()
-        except sqlite3.OperationalError:
-            row = None
+            with con:
+                con.execute(rows.ABANDON_RUN, (run_id,))
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {path}: {exc}") from exc
         finally:
             con.close()
-        return None if row is None else (str(row[0]), str(row[1]))
+
+    def health(self) -> str | None:
+        """Why this journal cannot take more rows, or None: the writer failed or died, or the file
+        was deleted, replaced or cannot be written any more."""
+        if self._error is not None:
+            return f"journal writer failed: {self._error}"
+        if not self._closed and not self._thread.is_alive():
+            return "journal writer thread is not running"
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return f"journal file {self.path} is gone"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return f"journal file {self.path} was replaced"
+        if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
+            return f"journal file {self.path} is not writable"
+        return None
 
     def flush(self) -> None:
         """Block until everything recorded so far is committed."""

@@ -18,14 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from trader.domain import N_ACTIONS
+from trader.domain import N_ACTIONS, Observed, PolicyChoice
+from trader.errors import PolicyError
 from trader.features.layout import ObservationLayout
 
 log = structlog.get_logger(__name__)
-
-
-class PolicyError(ValueError):
-    """The policy file cannot be served with this configuration; the message says why."""
+_HOLD = PolicyChoice(0, 1.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +53,8 @@ def choose_providers(requested: str) -> list[str]:
 
 class OnnxPolicy:
     """Greedy masked policy. ``act`` returns (action, confidence, probabilities)."""
+
+    name = "onnx"
 
     def __init__(
         self, path: str | Path, layout: ObservationLayout, provider: str = "auto", intra_op_threads: int = 1
@@ -142,7 +142,13 @@ class OnnxPolicy:
             raise PolicyError(f"policy {path}: metadata output_kind = {kind!r}, expected probs or logits")
         return kind
 
-    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[int, float, list[float]]:
+    def act(self, o: Observed) -> PolicyChoice:
+        """Greedy action under the mask (nothing to do during warm-up)."""
+        if not o.ready:
+            return _HOLD
+        return self.act_on(o.obs, o.mask)
+
+    def act_on(self, obs: np.ndarray, mask: np.ndarray) -> PolicyChoice:
         """Greedy action under the mask: (action, its probability, the six probabilities)."""
         self._obs[0] = obs
         self._mask[0] = mask
@@ -166,7 +172,7 @@ class OnnxPolicy:
         elif total != 1.0:
             p = [x / total for x in p]
         a = p.index(max(p))
-        return a, p[a], p
+        return PolicyChoice(a, p[a], p)
 
 
 def metadata_for(layout: ObservationLayout, **extra: object) -> dict[str, str]:

@@ -1,0 +1,238 @@
+"""Every read of the journal: the one place that SELECTs.
+
+Readers open the file on their own connection (read-only where nothing is written), so they never
+touch the writer thread's connection. Each function returns plain values or domain types.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trader.domain import Bar, Fill, Side
+from trader.errors import JournalError
+
+
+@contextmanager
+def _open(path: str | Path, readonly: bool = True) -> Iterator[sqlite3.Connection]:
+    p = Path(path)
+    if not p.exists():
+        raise JournalError(f"journal not found: {p}")
+    try:
+        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True) if readonly else sqlite3.connect(p)
+    except sqlite3.Error as exc:
+        raise JournalError(f"journal {p}: {exc}") from exc
+    try:
+        yield con
+    except sqlite3.OperationalError as exc:
+        raise JournalError(f"journal {p} is not a trader journal (or is damaged): {exc}") from exc
+    finally:
+        con.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    run_id: str
+    mode: str
+    status: str
+    config_json: str
+
+
+def latest_run(path: str | Path, mode: str) -> RunRecord | None:
+    """The latest run of this mode that may be continued (any status but ``abandoned``)."""
+    if not Path(path).exists():
+        return None
+    with _open(path) as con:
+        try:
+            row = con.execute(
+                "SELECT run_id, mode, status, config_json FROM runs WHERE mode=? AND status!='abandoned' "
+                "ORDER BY started_at DESC, rowid DESC LIMIT 1",
+                (mode,),
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return None  # an empty file: no tables yet
+    return None if row is None else RunRecord(str(row[0]), str(row[1]), str(row[2]), str(row[3]))
+
+
+@dataclass(frozen=True, slots=True)
+class JournaledBar:
+    kind: str  # "prime" (warm-up history) or "bar" (decided on)
+    index: int | None
+    bar: Bar
+    fills_through: int  # fills applied by the end of this bar
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCheck:
+    """The account as the journal last saw it, to check a re-drive against."""
+
+    bar_index: int
+    position: int
+    balance_usd: float
+    equity_usd: float
+    threshold_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunHistory:
+    """What a re-drive needs from the journal (see :mod:`trader.recovery`)."""
+
+    actions: dict[int, int]  # bar index -> fused action
+    bars: list[JournaledBar]  # live/paper-service runs; empty for a run without journaled bars
+    fills: list[Fill]
+    last_decision: AccountCheck | None
+    # the final account row of a run that ended (graceful stop or failure): position, balance, threshold
+    end_account: tuple[int, float, float] | None
+    max_query_id: int
+    between_bar_orders: dict[int, list[str]]  # bar index -> purposes of orders sent after that bar
+    controls: list[tuple[int, str, str]]  # accepted controls in order: (first bar, action, reason)
+
+
+def run_history(path: str | Path, run_id: str) -> RunHistory:
+    with _open(path) as con:
+        actions = {
+            int(i): int(a)
+            for i, a in con.execute("SELECT bar_index, fused_action FROM decisions WHERE run_id=?", (run_id,))
+        }
+        bars = [
+            JournaledBar(str(k), None if i is None else int(i), Bar(int(ts), o, h, lo, c, v), int(ft or 0))
+            for k, i, ts, o, h, lo, c, v, ft in con.execute(
+                "SELECT kind, bar_index, ts_ns, open, high, low, close, volume, fills_through FROM bars "
+                "WHERE run_id=? ORDER BY seq",
+                (run_id,),
+            )
+        ]
+        fills = [
+            Fill(cid, int(ts), Side(side), int(qty), float(price), float(comm), purpose)
+            for cid, ts, side, qty, price, comm, purpose in con.execute(
+                "SELECT client_id, ts_ns, side, qty, price, commission_usd, purpose FROM fills "
+                "WHERE run_id=? ORDER BY seq",
+                (run_id,),
+            )
+        ]
+        last = con.execute(
+            "SELECT bar_index, position, balance_usd, equity_usd, threshold_usd FROM decisions "
+            "WHERE run_id=? ORDER BY bar_index DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+        acct = con.execute(
+            "SELECT position, balance_usd, threshold_usd, reason FROM account WHERE run_id=? "
+            "ORDER BY rowid DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+        max_qid = con.execute("SELECT max(query_id) FROM llm_queries WHERE run_id=?", (run_id,)).fetchone()[0]
+        between: dict[int, list[str]] = {}
+        for i, purpose in con.execute(
+            "SELECT bar_index, purpose FROM orders WHERE run_id=? AND purpose LIKE 'flatten:on_stop%' "
+            "ORDER BY rowid",
+            (run_id,),
+        ):
+            between.setdefault(int(i), []).append(str(purpose))
+        controls = [
+            (-1 if i is None else int(i), str(a), str(r or ""))
+            for i, a, r in con.execute(
+                "SELECT bar_index, action, reason FROM control WHERE run_id=? AND result='accepted' "
+                "ORDER BY rowid",
+                (run_id,),
+            )
+        ]
+    return RunHistory(
+        actions,
+        bars,
+        fills,
+        None if last is None else AccountCheck(int(last[0]), int(last[1]), last[2], last[3], last[4]),
+        None if acct is None or acct[3] != "run_end" else (int(acct[0]), float(acct[1]), float(acct[2])),
+        int(max_qid or 0),
+        between,
+        controls,
+    )
+
+
+def client_ids(path: str | Path, run_id: str) -> set[str]:
+    """Client ids of every order the run has sent (a live broker recognises its own orders)."""
+    if not Path(path).exists():
+        return set()
+    with _open(path) as con:
+        try:
+            return {str(r[0]) for r in con.execute("SELECT client_id FROM orders WHERE run_id=?", (run_id,))}
+        except sqlite3.OperationalError:
+            return set()
+
+
+def last_fill_ns(path: str | Path, run_id: str) -> int:
+    """Time of the run's last journaled fill (-1: none): broker fills up to it are already applied."""
+    if not Path(path).exists():
+        return -1
+    with _open(path) as con:
+        try:
+            row = con.execute("SELECT max(ts_ns) FROM fills WHERE run_id=?", (run_id,)).fetchone()
+        except sqlite3.OperationalError:
+            return -1
+    return -1 if row is None or row[0] is None else int(row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedAnswer:
+    raw: str
+    action_probs: tuple[float, ...] | None
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def recorded_answers(path: str | Path, run_id: str | None) -> tuple[str, str, dict[str, RecordedAnswer]]:
+    """LLM answers of an earlier run by prompt hash: (run id, that run's advisor mode, answers).
+    ``run_id`` None = the run with the latest query."""
+    with _open(path) as con:
+        if run_id is None:
+            row = con.execute(
+                "SELECT run_id FROM llm_queries GROUP BY run_id ORDER BY max(rowid) DESC LIMIT 1"
+            ).fetchone()
+            if row is None:
+                raise JournalError(f"{path} has no recorded LLM queries")
+            run_id = str(row[0])
+        cfg = con.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        mode = json.loads(cfg[0])["advisor"]["mode"] if cfg else "sync"
+        answers = {
+            str(phash): RecordedAnswer(
+                raw, tuple(json.loads(probs)) if probs else None, latency_ms / 1000.0, pt, ct
+            )
+            for phash, raw, probs, latency_ms, pt, ct in con.execute(
+                "SELECT prompt_hash, raw_answer, action_probs, latency_ms, prompt_tokens, completion_tokens "
+                "FROM llm_queries WHERE run_id=? AND raw_answer IS NOT NULL",
+                (run_id,),
+            )
+        }
+    return run_id, mode, answers
+
+
+def llm_runs(path: str | Path) -> list[str]:
+    with _open(path) as con:
+        return [str(r[0]) for r in con.execute("SELECT DISTINCT run_id FROM llm_queries ORDER BY run_id")]
+
+
+def decision_closes(path: str | Path, run_id: str) -> dict[int, float]:
+    with _open(path) as con:
+        return {
+            int(i): float(c)
+            for i, c in con.execute("SELECT bar_index, close FROM decisions WHERE run_id=?", (run_id,))
+        }
+
+
+def answered_queries(path: str | Path, run_id: str) -> list[tuple[Any, ...]]:
+    """(query_id, bar_index, ts_ns, trigger, system, user, raw, action, stated, logit, probs,
+    latency_ms, error) of every query with an answer, in order."""
+    with _open(path) as con:
+        return list(
+            con.execute(
+                "SELECT query_id, bar_index, ts_ns, trigger, system_prompt, user_prompt, raw_answer, "
+                "parsed_action, stated_conf, logit_conf, action_probs, latency_ms, error "
+                "FROM llm_queries WHERE run_id=? AND raw_answer IS NOT NULL ORDER BY query_id",
+                (run_id,),
+            )
+        )

@@ -1,0 +1,70 @@
+"""Rule policies: baselines that run through the same engine, journal and report as the RL policy
+(``policy.path = "module:attr"``; ``strategies.rules`` re-exports these for the CLI).
+
+Each sees every accepted bar (warm-up included, so its indicators start with the data) and
+answers with certainty (probability 1 on its action). An action the mask forbids becomes HOLD.
+"""
+
+from __future__ import annotations
+
+from trader.config import Settings
+from trader.domain import Action, Observed, PolicyChoice
+from trader.errors import ConfigError
+from trader.features.indicators import EMA
+
+
+def _certain(a: int) -> PolicyChoice:
+    p = [0.0] * 6
+    p[a] = 1.0
+    return PolicyChoice(a, 1.0, p)
+
+
+class Flat:
+    """Always HOLD: the flat baseline (it still gets the engine's stops and session flattening)."""
+
+    name = "flat"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        pass
+
+    def act(self, o: Observed) -> PolicyChoice:
+        return _certain(Action.HOLD)
+
+
+class EmaCross:
+    """BUY when EMA(fast) crosses above EMA(slow), SELL when it crosses below, else HOLD.
+
+    EMAs of the bar closes, seeded with the SMA of the first ``n`` closes (TA-Lib's EMA).
+    """
+
+    name = "ema_cross"
+
+    def __init__(self, settings: Settings | None = None, fast: int = 20, slow: int = 50) -> None:
+        if (
+            isinstance(fast, bool)
+            or isinstance(slow, bool)
+            or not isinstance(fast, int)
+            or not isinstance(slow, int)
+        ):
+            raise ConfigError(
+                f"policy.options: EmaCross periods must be integers (fast={fast!r}, slow={slow!r})"
+            )
+        if not 1 <= fast < slow:
+            raise ConfigError(f"policy.options: EmaCross needs 1 <= fast < slow (fast={fast}, slow={slow})")
+        self.fast, self.slow = EMA(fast), EMA(slow)
+        self.name = f"ema_cross_{fast}_{slow}"
+        self._side = 0.0  # sign of fast - slow on the previous bar (0 = not yet known)
+
+    def act(self, o: Observed) -> PolicyChoice:
+        c = o.bar.close
+        diff = self.fast.update(c) - self.slow.update(c)
+        side = 0.0 if diff != diff else (1.0 if diff > 0 else -1.0 if diff < 0 else 0.0)
+        prev, self._side = self._side, side
+        a = Action.HOLD
+        if side > 0 and prev <= 0 and diff == diff:
+            a = Action.BUY
+        elif side < 0 and prev >= 0 and diff == diff:
+            a = Action.SELL
+        if not o.mask[a]:
+            a = Action.HOLD
+        return _certain(a)
