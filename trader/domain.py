@@ -286,3 +286,16 @@ class ComponentHealth:
     connected: bool
     disconnected_s: float = 0.0  # how long it has been down (0 while connected)
     counters: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LLMReply:
+    """One answer of an LLM backend (text, the six-action distribution when it has logits)."""
+
+    text: str
+    action_probs: tuple[float, ...] | None  # from logits at the action position, if the backend has them
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    backend: str
+    timed_out: bool = False

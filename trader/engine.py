@@ -67,6 +67,9 @@ class NullJournal:
     def commit_point(self) -> None:
         pass
 
+    def discard_uncommitted(self) -> None:
+        pass
+
 
 @dataclass(frozen=True, slots=True)
 class DecisionParts:
@@ -226,6 +229,13 @@ class Engine:
         ts = self.stats.ts_ns[-1] if self.stats.ts_ns else 0
         self._record(rows.account(self.run_id, ts, self.portfolio.snapshot(), "run_end"))
         self._commit()
+
+    async def abort(self) -> None:
+        """End of a failed run: the half-done bar's rows are dropped (the journal ends at the last
+        complete bar, as after a crash, so a restart re-drives to exactly there); nothing else is
+        sent or journaled; the broker is stopped."""
+        self.journal.discard_uncommitted()
+        await self.broker.stop()
 
     # -- one bar ------------------------------------------------------------------------------------
     async def on_bar(self, bar: Bar, row: int = -1) -> None:

@@ -19,6 +19,7 @@ from trader.domain import (
     BrokerEvent,
     ComponentHealth,
     Decision,
+    LLMReply,
     MarketContext,
     Observed,
     OrderIntent,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from trader.decision.risk import RiskContext
     from trader.features.layout import ObservationLayout
     from trader.journal.rows import Row
-    from trader.llm.backends import LLMReply
 
 
 class Batch(NamedTuple):
@@ -177,6 +177,8 @@ class JournalSink(Protocol):
     def record(self, row: Row) -> None: ...
 
     def commit_point(self) -> None: ...
+
+    def discard_uncommitted(self) -> None: ...
 
 
 class FusionStrategy(Protocol):

@@ -201,6 +201,11 @@ class RSI:
         self._loss = Wilder(n)
         self._prev = NAN
 
+    @property
+    def averages(self) -> tuple[float, float]:
+        """Wilder's average gain and loss so far (NaN before n changes)."""
+        return self._gain.value, self._loss.value
+
     @staticmethod
     def _rsi(g: float, loss: float) -> float:
         if math.isnan(g):
@@ -489,8 +494,7 @@ class ResampledRSI:
         prevs = np.full(len(completed_close), NAN)
         for k, cl in enumerate(completed_close):
             rsi.update(float(cl))
-            gains[k] = rsi._gain.value
-            losses[k] = rsi._loss.value
+            gains[k], losses[k] = rsi.averages
             prevs[k] = cl
         # number of completed buckets before each bar
         k_done = np.searchsorted(new_bucket, np.arange(m), side="right")

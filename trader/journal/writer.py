@@ -112,6 +112,11 @@ class Journal:
         committed all together or not at all."""
         self._buf.append(("__point__", None))
 
+    def discard_uncommitted(self) -> None:
+        """Drop the rows recorded since the last commit point (a bar that failed half way: the
+        journal stays at the last complete bar, as after a crash)."""
+        self._buf.append(("__discard__", None))
+
     def record(self, row: Row) -> None:
         if self._error is not None:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
@@ -219,6 +224,8 @@ class Journal:
                     table = item[0]
                     if table == "__point__":
                         _release(staged, pending, statements)
+                    elif table == "__discard__":
+                        staged.clear()
                     elif table == "__flush__":
                         flushes.append(item[1])
                     else:

