@@ -33,8 +33,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from trader.adapters.tradovate.protocol import FrameError, iso_to_ns, ns_to_iso, parse_request
 from trader.domain import Bar
-from trader.tradovate.protocol import FrameError, iso_to_ns, ns_to_iso, parse_request
 
 USER = "trader-test"
 PASSWORD = "pw-SECRET-7f3a"

@@ -14,6 +14,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,56 +86,94 @@ def llm_answer_latency(n: int = 12) -> dict[str, object]:
     return out
 
 
-def llm_bar_path(ms_per_bar: float = 10.0, query_interval: int = 150) -> dict[str, object]:
-    """Per-bar decision latency while an LLM query is in flight vs idle, in the same paced replay."""
+def llm_bar_path_once(
+    isolation: str, n_threads: int, ms_per_bar: float, query_interval: int
+) -> dict[str, Any]:
+    """One paced replay of the bundled slice with async LLM advice: per decided bar, its decision
+    latency and whether a query was in flight. Queries every ``query_interval`` bars, so busy and
+    idle stretches alternate through the run and share its conditions. The kill switch is on so no
+    position or balance change triggers extra queries: every bar still runs the ONNX policy,
+    fusion, risk and the journal; only orders are missing."""
     from trader.wiring import build_replay
 
-    settings = load_settings(
-        None,
-        {
-            "advisor": {"mode": "async", "only_when_actionable": False},
-            "fusion": {"query_interval": query_interval},
-            "data": {"end": "2023-11-29T06:00:00", "speed": 60_000.0 / ms_per_bar},
-        },
-    )
+    settings = load_settings(None, _llm_bench_overrides(isolation, n_threads, ms_per_bar, query_interval))
     with tempfile.TemporaryDirectory() as tmp:
         run = build_replay(settings, Path(tmp) / "llm.sqlite", advisor_timing="wall")
         engine = run.engine
-        advisor = engine.advisor
         stats = asyncio.run(_run(engine))
         run.journal.close()
     lat = np.asarray(stats.latencies_ns, dtype=np.float64) / 1000.0
-    decided = np.arange(len(lat)) >= settings.features.warmup_bars
-    flags = np.zeros(len(lat), dtype=bool)
-    flags[decided] = np.asarray(stats.llm_busy, dtype=bool)[: int(decided.sum())]
-    on, off = lat[decided & flags], lat[decided & ~flags]
-
-    def p(a: np.ndarray, q: float) -> float | None:
-        return round(float(np.percentile(a, q)), 1) if len(a) else None
-
-    ratio = (p(on, 99) or 0) / (p(off, 99) or 1)
+    busy = np.asarray(stats.llm_busy, dtype=bool)
+    decided = np.arange(len(lat)) >= settings.features.warmup_bars  # warm-up bars ask nothing
+    on, off = lat[decided & busy], lat[decided & ~busy]
+    adv: Any = engine.advisor
+    llm_ms = np.asarray(adv.stats.latencies_s) * 1000.0 if adv is not None else np.zeros(0)
     return {
-        "bars_llm_busy": len(on),
-        "bars_llm_idle": len(off),
-        "queries": advisor.stats.queries if advisor else 0,  # type: ignore[attr-defined]
-        "busy_p50_us": p(on, 50),
-        "busy_p99_us": p(on, 99),
-        "idle_p50_us": p(off, 50),
-        "idle_p99_us": p(off, 99),
-        "p99_ratio_busy_over_idle": round(ratio, 3),
+        "busy_bars": len(on),
+        "idle_bars": len(off),
+        "queries": adv.stats.queries if adv is not None else 0,
+        "busy_p50_us": round(float(np.percentile(on, 50)), 1) if len(on) else None,
+        "idle_p50_us": round(float(np.percentile(off, 50)), 1) if len(off) else None,
+        "busy_p99_us": round(float(np.percentile(on, 99)), 1) if len(on) else None,
+        "idle_p99_us": round(float(np.percentile(off, 99)), 1) if len(off) else None,
+        "p99_ratio": round(float(np.percentile(on, 99) / np.percentile(off, 99)), 3)
+        if len(on) and len(off)
+        else None,
+        "llm_answer_p50_ms": round(float(np.percentile(llm_ms, 50)), 1) if len(llm_ms) else None,
     }
 
 
-def llm_main() -> int:
+def _llm_bench_overrides(isolation: str, n_threads: int, ms_per_bar: float, interval: int) -> dict[str, Any]:
+    return {
+        "advisor": {"mode": "async", "only_when_actionable": False},
+        "fusion": {"query_interval": interval},
+        "risk": {"kill_switch": True},
+        "llm_model": {"isolation": isolation, "n_threads": n_threads},
+        "data": {"speed": 60_000.0 / ms_per_bar},
+    }
+
+
+def llm_bar_path(
+    variants: tuple[tuple[str, int], ...] = (("process", 0), ("thread", 0), ("none", 0)),
+    runs: int = 5,
+    ms_per_bar: float = 2.0,
+) -> dict[str, Any]:
+    """Busy/idle p99 decision latency, per isolation variant, over several runs: the median ratio
+    and its spread. A first (discarded) run measures the variant's answer latency inside the paced
+    replay; the measured runs then ask every 2 x that many bars, so about half the decided bars see
+    a query in flight. ``none`` is the old way (the model in the advisor thread on every core,
+    unpinned)."""
+    out: dict[str, Any] = {"ms_per_bar": ms_per_bar, "runs": runs}
+    for isolation, n_threads in variants:
+        calibration = llm_bar_path_once(isolation, n_threads, ms_per_bar, 250)
+        answer_ms = float(calibration["llm_answer_p50_ms"] or 1000.0)
+        query_interval = max(10, round(2.0 * answer_ms / ms_per_bar))
+        per_run = [llm_bar_path_once(isolation, n_threads, ms_per_bar, query_interval) for _ in range(runs)]
+        ratios = sorted(r["p99_ratio"] for r in per_run if r["p99_ratio"] is not None)
+        out[f"{isolation}" + (f"_{n_threads}_threads" if n_threads else "")] = {
+            "answer_ms_in_run": round(answer_ms, 1),
+            "query_interval_bars": query_interval,
+            "median_p99_ratio": ratios[len(ratios) // 2] if ratios else None,
+            "p99_ratio_min": ratios[0] if ratios else None,
+            "p99_ratio_max": ratios[-1] if ratios else None,
+            "busy_bars_per_run": int(np.median([r["busy_bars"] for r in per_run])),
+            "idle_bars_per_run": int(np.median([r["idle_bars"] for r in per_run])),
+            "runs": per_run,
+        }
+    return out
+
+
+def llm_main(runs: int = 5, answer_latency: bool = True) -> int:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    out = {
+    out: dict[str, Any] = {
         "benchmark": "llm_small_gguf_cpu",
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
-        "answer_latency": llm_answer_latency(),
-        "bar_path_with_llm_async": llm_bar_path(),
     }
+    if answer_latency:
+        out["answer_latency"] = llm_answer_latency()
+    out["bar_path_busy_vs_idle"] = llm_bar_path(runs=runs)
     print(json.dumps(out, indent=2))
     return 0
 

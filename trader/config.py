@@ -141,7 +141,11 @@ class LLMModelConfig(Section):
     temperature: NonNegative = 0.0
     top_p: Unit = 0.9
     n_ctx: Annotated[int, Field(ge=256)] = 2048
-    n_threads: Annotated[int, Field(ge=0)] = 0  # 0 = all CPU cores
+    n_threads: Annotated[int, Field(ge=0)] = 0  # 0 = all CPU cores but one (the bar loop's)
+    # Where llama.cpp runs (trader/llm/isolation.py): "process" = a child process pinned off the
+    # first core (no GIL shared with the bar loop); "thread" = the advisor's worker thread, pinned
+    # the same way; "none" = the advisor's thread, unpinned (the old way, kept to measure against).
+    isolation: Literal["process", "thread", "none"] = "process"
 
 
 class OpenAIBackendConfig(Section):

@@ -36,6 +36,8 @@ class Controls:
         self.stale = False
         self.reconcile_mismatch = ""
         self.journal_problem = ""
+        self._key: tuple[object, ...] = ()
+        self._halt = (False, "")
 
     # -- operator ---------------------------------------------------------------------------------
     def apply(self, action: str, reason: str = "") -> None:
@@ -112,16 +114,21 @@ class Controls:
     def risk_context(
         self, ts_ns: int, minute_of_day: int, market: Callable[[], MarketContext], catching_up: bool
     ) -> RiskContext:
-        reasons = self.halt_reasons()
+        key = (
+            self.kill_switch_config,
+            self.kill_reason,
+            self.operator_halt,
+            self.stale,
+            self.reconcile_mismatch,
+            self.journal_problem,
+            self.stopping,
+        )
+        if key != self._key:  # the halt text is rebuilt only when a control changed
+            reasons = self.halt_reasons()
+            self._key, self._halt = key, (bool(reasons), "; ".join(reasons))
+        halted, why = self._halt
         return RiskContext(
-            ts_ns,
-            minute_of_day,
-            market,
-            halted=bool(reasons),
-            halt_reason="; ".join(reasons),
-            catching_up=catching_up,
-            flatten=self.flatten_request,
-            kill_switch=self.kill_switch,
+            ts_ns, minute_of_day, market, halted, why, catching_up, self.flatten_request, self.kill_switch
         )
 
     def state(self) -> dict[str, object]:

@@ -223,14 +223,14 @@ class BatchKind(enum.Enum):
     LIVE = "live"  # decided on and traded
 
 
-@dataclass(frozen=True, slots=True)
-class Observed:
+class Observed(NamedTuple):
     """One bar between ``Engine.observe`` and ``Engine.decide``: what the policy sees.
 
     ``obs`` and ``mask`` are the engine's preallocated buffers (valid until the next bar; copy to
-    keep them). ``ready`` is False during warm-up, when no policy is asked."""
+    keep them). ``ready`` is False during warm-up, when the policy's choice is not used.
+    A NamedTuple: immutable, and cheap to make once per bar."""
 
-    index: int  # decided-bar index in the run
+    bar_index: int  # decided-bar index in the run
     bar: Bar
     minute_of_day: int  # exchange-local minute
     snapshot: PortfolioSnapshot

@@ -159,8 +159,7 @@ class Engine:
         self._catching_up = False
         self._redriving = False  # recovery: no journal, no advisor
         self._given_fills: list[Fill] | None = None  # recovery of a live run: the journaled fills
-        # the preallocated buffers an Observed points at
-        self._obs: np.ndarray = np.zeros(features.layout.dim, dtype=np.float32)
+        # the action mask an Observed points at (the observation is the feature source's buffer)
         self._mask: np.ndarray = np.ones(N_ACTIONS, dtype=np.bool_)
 
     # -- run ----------------------------------------------------------------------------------------
@@ -289,8 +288,6 @@ class Engine:
         local_s = clock.local_s(ts)
         pf.mark_bar(bar, clock.session_of_local(local_s))
         obs = self.features.update(bar)  # 2
-        if obs is not self._obs:
-            self._obs = obs
         snap = pf.snapshot()  # 3
         self.account_features.fill(obs, snap, bar.close, self.features.atr, pf.daily_trades)
         ready = self.features.ready and i + self.primed >= self.warmup
@@ -301,15 +298,16 @@ class Engine:
     async def decide(self, o: Observed, choice: PolicyChoice) -> None:
         """Steps 6-11 for an observed bar and the policy's choice: advice, fusion, risk review,
         orders, trailing stop, statistics and journal. During warm-up the choice is ignored."""
-        i, bar, snap = o.index, o.bar, o.snapshot
+        i, bar, snap = o.bar_index, o.bar, o.snapshot
         a, conf, probs = choice
         pf, stats = self.portfolio, self.stats
         waited = 0.0
         advice: Advice | None = None
+        if self.advisor is not None:
+            stats.llm_busy.append(self.advisor.busy)  # a query in flight while this bar is decided
         if o.ready:
             advisor = None if self._redriving else self.advisor
             if advisor is not None:  # 6
-                stats.llm_busy.append(advisor.busy)
                 before = advisor.sim_wait_s
                 advice = advisor.on_bar(i, bar.ts_ns, conf, snap, o.minute_of_day, self.features.context)
                 waited = advisor.sim_wait_s - before

@@ -212,10 +212,10 @@ def build_live(
 ) -> Run:
     """Tradovate market data ─▶ incremental features, the paper (``paper``) or Tradovate
     (``live``) broker; every bar journaled (the recovery source)."""
-    from trader.execution.brokers.tradovate import TradovateBroker
+    from trader.adapters.tradovate.broker import TradovateBroker
+    from trader.adapters.tradovate.feed import TradovateFeed
+    from trader.adapters.tradovate.rest import TradovateRest
     from trader.features.observation import IncrementalFeatures
-    from trader.feeds.live import TradovateFeed
-    from trader.tradovate.rest import TradovateRest
 
     features = IncrementalFeatures(settings, load_feature_blocks(settings.features.custom_blocks))
     policy = build_policy(settings, features.layout)

@@ -32,8 +32,8 @@ class FailingPolicy:
         self.fail_at = int(os.environ.get("FAIL_AT_BAR", "-1"))
 
     def act(self, o):  # type: ignore[no-untyped-def]
-        if o.index == self.fail_at:
-            raise RuntimeError(f"injected failure at bar {o.index}")
+        if o.bar_index == self.fail_at:
+            raise RuntimeError(f"injected failure at bar {o.bar_index}")
         return self.inner.act(o)
 
 

@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.tradovate_server import PASSWORD, SEC, FakeTradovate, shared_bars
-from trader.tradovate.protocol import ns_to_iso
+from trader.adapters.tradovate.protocol import ns_to_iso
 
 BARS = shared_bars()
 START = next(i for i, b in enumerate(BARS) if ns_to_iso(b.ts_ns) >= "2023-11-28T14:40")
@@ -29,8 +31,10 @@ def write_config(tmp: Path, fake: FakeTradovate, extra: str = "") -> Path:
     return cfg
 
 
-def start(cfg: Path, journal: Path, mode: str, *extra: str) -> subprocess.Popen[str]:
-    env = os.environ | {"TRADER_TRADOVATE__PASSWORD": PASSWORD, "TRADER_TRADOVATE__SEC": SEC}
+def start(
+    cfg: Path, journal: Path, mode: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    env = os.environ | {"TRADER_TRADOVATE__PASSWORD": PASSWORD, "TRADER_TRADOVATE__SEC": SEC} | (env or {})
     cmd = [
         sys.executable,
         "-m",
@@ -224,5 +228,66 @@ def test_record_writes_daily_parquet_that_replay_reads(tmp_path):
         con = sqlite3.connect(tmp_path / "r.sqlite")
         n = con.execute("SELECT bars FROM runs").fetchone()[0]
         assert n == len(ts)
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("paper", "sigterm"), ("live", "sigterm"), ("live", "kill9")])
+def test_a_restart_on_the_live_feed_continues_the_account_and_an_operator_halt(tmp_path, mode, kind):
+    from tests.e2e.test_service import TOKEN, http
+    from tests.llm_server import free_port
+
+    fake = FakeTradovate(BARS, START, step_s=0.08).start()
+    port = free_port()
+    try:
+        cfg = write_config(tmp_path, fake)
+        cfg.write_text(cfg.read_text().replace("http_enabled = false", f"http_port = {port}"))
+        journal = tmp_path / "j.sqlite"
+        env = {"TRADER_CONTROL_TOKEN": TOKEN}
+        p = start(cfg, journal, mode, env=env)
+        end = time.monotonic() + 120
+        while decided(journal) < 40 and time.monotonic() < end and p.poll() is None:
+            time.sleep(0.1)
+        code, _ = http("POST", f"http://127.0.0.1:{port}/halt", TOKEN, b'{"reason": "operator says no"}')
+        assert code == 200
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
+        p.communicate(timeout=60)
+        con = sqlite3.connect(journal)
+        ((run_id,),) = con.execute("SELECT run_id FROM runs").fetchall()
+        pos, _bal, thr = con.execute(
+            "SELECT position, balance_usd, threshold_usd FROM decisions ORDER BY bar_index DESC LIMIT 1"
+        ).fetchone()
+        con.close()
+
+        p = start(cfg, journal, mode, env=env)
+        state: dict = {}
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not state:
+            try:
+                code, body = http("GET", f"http://127.0.0.1:{port}/state")
+                state = body if code == 200 else {}
+            except OSError:
+                time.sleep(0.1)
+        assert state["run_id"] == run_id  # the same account continues
+        assert state["halted"] is True and state["halt_reason"] == "operator says no"
+        assert state["position"] == pos and state["drawdown_threshold_usd"] >= round(thr, 2) - 0.01
+        n = decided(journal)
+        end = time.monotonic() + 60
+        while decided(journal) < n + 15 and time.monotonic() < end:
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+        con = sqlite3.connect(journal)
+        resumed_at = con.execute("SELECT max(bar_index) FROM control WHERE action='recover'").fetchone()[0]
+        new_entries = con.execute(
+            "SELECT count(*) FROM orders WHERE purpose IN ('entry', 'add', 'reverse') AND bar_index >= ?",
+            (resumed_at,),
+        ).fetchone()[0]
+        runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        con.close()
+        assert runs == 1 and new_entries == 0
+        # (the restart re-drove the journal and checked the account to the cent, or it would have
+        # exited 2 and /state would never have answered)
     finally:
         fake.stop()

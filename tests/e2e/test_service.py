@@ -168,8 +168,10 @@ speed = 3000.0
         ("halt", "refused"),
         ("halt", "accepted"),
         ("resume", "accepted"),
-        ("reload", "applied ['fusion.llm_weight']; restart needed for ['instrument.tick_size']"),
+        ("reload", "accepted"),
+        ("stop", "accepted"),
     ]
+    assert control[4][2] == "applied ['fusion.llm_weight']; restart needed for ['instrument.tick_size']"
     assert control[2][1] == "127.0.0.1" and control[2][2] == "test halt"
     n = con.execute("SELECT count(*) FROM decisions").fetchone()[0]
     assert 0 < n < 5520  # stopped early, every decided bar journaled

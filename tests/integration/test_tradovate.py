@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 from tests.tradovate_server import PASSWORD, SEC, SYMBOL, FakeTradovate, shared_bars
+from trader.adapters.tradovate.broker import TradovateBroker
+from trader.adapters.tradovate.feed import BarAssembler, TradovateFeed
+from trader.adapters.tradovate.protocol import ns_to_iso
+from trader.adapters.tradovate.rest import AuthError, TradovateRest
 from trader.config import load_settings
 from trader.domain import Bar, Fill, OrderIntent, OrderKind, OrderRejected, ReconcileReport, Side
 from trader.execution import reconcile
-from trader.execution.brokers.tradovate import TradovateBroker
-from trader.feeds.live import BarAssembler, TradovateFeed
-from trader.tradovate.protocol import ns_to_iso
-from trader.tradovate.rest import AuthError, TradovateRest
 
 BARS = shared_bars()
 START = next(i for i, b in enumerate(BARS) if ns_to_iso(b.ts_ns) >= "2023-11-28T14:35")

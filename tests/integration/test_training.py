@@ -45,7 +45,7 @@ class SpyPolicy:
     def act(self, o):
         choice = self.inner.act(o)
         if o.ready:
-            self.seen[o.index] = (o.obs.copy(), o.mask.copy(), choice.action)
+            self.seen[o.bar_index] = (o.obs.copy(), o.mask.copy(), choice.action)
         return choice
 
 

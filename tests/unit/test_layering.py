@@ -15,9 +15,9 @@ PKG = ROOT / "trader"
 # Outside the core: adapters, the service, LLM backends, the wiring, the CLI, tools around it.
 EDGE = (
     "trader/adapters/",
-    "trader/tradovate/",
-    "trader/execution/brokers/tradovate.py",
-    "trader/feeds/live.py",
+    "trader/adapters/tradovate/",
+    "trader/execution/adapters/tradovate/broker.py",
+    "trader/adapters/tradovate/feed.py",
     "trader/feeds/recorder.py",
     "trader/service/",
     "trader/llm/",
@@ -33,8 +33,8 @@ FORBIDDEN_IN_CORE = (
     "trader.adapters",
     "trader.service",
     "trader.llm.backends",
-    "trader.feeds.live",
-    "trader.execution.brokers.tradovate",
+    "trader.adapters.tradovate.feed",
+    "trader.adapters.tradovate.broker",
     "trader.wiring",
     "trader.cli",
 )

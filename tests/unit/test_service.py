@@ -77,3 +77,103 @@ def test_a_stuck_bar_or_stale_data_is_unhealthy_and_stale_data_halts_entries(tmp
     assert op.unhealthy() is None
     assert not controls.stale and not controls.halted  # data back: trading resumes by itself
     run.journal.close()
+
+
+def _reload_setup(tmp_path, toml: str):  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    from trader.config import load_settings
+
+    overrides = {"advisor": {"mode": "sync"}, "service": {"http_enabled": False}}
+    s = load_settings(cfg, overrides)
+    run = build_replay(s, tmp_path / "j.sqlite", mode="paper")
+    return cfg, run, Operator(s, run, cfg, overrides)
+
+
+def _controls_rows(path):  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("SELECT action, result, reason FROM control ORDER BY rowid").fetchall()
+    finally:
+        con.close()
+
+
+def test_reload_swaps_fusion_risk_and_the_advisor_schedule_together(tmp_path):
+    cfg, run, op = _reload_setup(tmp_path, "[fusion]\nquery_interval = 5\n")
+    eng = run.engine
+    assert eng.advisor.interval == 5
+    fusion_before, risk_before = eng.fusion, eng.risk
+    cfg.write_text("[fusion]\nquery_interval = 7\nllm_weight = 0.5\n[risk]\nmax_consecutive_losses = 4\n")
+    out = op.reload()
+    assert "fusion.query_interval" in out["applied"] and "risk.max_consecutive_losses" in out["applied"]
+    assert eng.advisor.interval == 7  # the advisor's schedule follows the reload
+    assert eng.fusion is not fusion_before and eng.fusion.w == 0.5
+    assert eng.risk is not risk_before and eng.settings.risk.max_consecutive_losses == 4
+    run.journal.flush()
+    assert _controls_rows(run.journal.path)[-1][:2] == ("reload", "accepted")
+    run.journal.close()
+
+
+def test_a_reload_naming_a_missing_plugin_changes_nothing_and_is_journaled(tmp_path):
+    cfg, run, op = _reload_setup(tmp_path, "[fusion]\nquery_interval = 5\n")
+    eng = run.engine
+    before = (eng.fusion, eng.risk, eng.settings, eng.advisor.interval, eng.advisor.settings)
+    cfg.write_text('[fusion]\nquery_interval = 9\nstrategy = "strategies.nope:Missing"\n')
+    out = op.reload()
+    assert "strategies.nope" in out["error"] and out["applied"] == {}
+    assert (eng.fusion, eng.risk, eng.settings, eng.advisor.interval, eng.advisor.settings) == before
+    cfg.write_text('[risk]\nrules = ["strategies.risk_rules:Nope"]\n')
+    assert "Nope" in op.reload()["error"]
+    assert eng.risk is before[1]
+    run.journal.flush()
+    rows = _controls_rows(run.journal.path)
+    assert [r[:2] for r in rows] == [("reload", "rejected"), ("reload", "rejected")]
+    assert "strategies.nope" in rows[0][2]
+    run.journal.close()
+
+
+def test_the_journal_reports_when_it_cannot_be_written(tmp_path):
+    from trader.journal import Journal
+    from trader.journal.rows import Row
+
+    j = Journal(tmp_path / "j.sqlite", flush_interval_ms=10)
+    assert j.health() is None
+    (tmp_path / "j.sqlite").rename(tmp_path / "moved.sqlite")
+    assert "is gone" in j.health()
+    (tmp_path / "j.sqlite").write_bytes(b"")  # another file at the path
+    assert "was replaced" in j.health()
+    j.close()
+
+    j = Journal(tmp_path / "k.sqlite", flush_interval_ms=10)
+    j.record(Row("fills", ("run", 1)))  # a row the table cannot take: the writer fails
+    j.commit_point()
+    end = time.monotonic() + 5
+    while j.health() is None and time.monotonic() < end:
+        time.sleep(0.01)
+    assert "journal writer failed" in (j.health() or "")
+
+
+def test_a_lost_journal_or_a_long_broker_outage_makes_the_service_unhealthy(tmp_path):
+    from tests.tradovate_server import FakeTradovate, shared_bars
+    from trader.wiring import build_live
+
+    s = make_settings(service={"http_enabled": False, "broker_down_limit_s": 0.2})
+    run = build_replay(s, tmp_path / "j.sqlite", mode="paper")
+    op = Operator(s, run, None)
+    run.engine.last_bar_at = time.monotonic()
+    assert op.unhealthy() is None
+    (tmp_path / "j.sqlite").unlink()
+    assert "is gone" in op.unhealthy() and op.health(stopping=False)["ok"] is False
+    run.journal.close()
+
+    fake = FakeTradovate(shared_bars(), 1000)
+    cfg = fake.config() | {"password": "x", "sec": "y"}
+    s = make_settings(tradovate=cfg, service={"http_enabled": False, "broker_down_limit_s": 0.2})
+    live = build_live(s, tmp_path / "live.sqlite", "live")
+    op = Operator(s, live, None)
+    live.engine.last_bar_at = time.monotonic()
+    time.sleep(0.3)  # the broker never connected
+    assert op.unhealthy().startswith("broker tradovate disconnected for")
+    live.journal.close()

@@ -15,8 +15,7 @@ Pure: the review is a function of its inputs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from trader.config import Settings
 from trader.domain import Action, MarketContext, PortfolioSnapshot, Verdict, Veto
@@ -25,10 +24,9 @@ from trader.features.clock import SessionClock
 from trader.ports import RiskRule, load_object
 
 
-@dataclass(frozen=True, slots=True)
-class RiskContext:
+class RiskContext(NamedTuple):
     """What the rules may look at besides the portfolio, for one bar (built by
-    :meth:`trader.controls.Controls.risk_context`)."""
+    :meth:`trader.controls.Controls.risk_context`; a NamedTuple: immutable and cheap per bar)."""
 
     ts_ns: int
     minute_of_day: int

@@ -21,10 +21,10 @@ from zoneinfo import ZoneInfo
 import polars as pl
 import structlog
 
+from trader.adapters.tradovate.feed import TradovateFeed
+from trader.adapters.tradovate.rest import TradovateRest
 from trader.config import Settings
 from trader.domain import Bar
-from trader.feeds.live import TradovateFeed
-from trader.tradovate.rest import TradovateRest
 
 log = structlog.get_logger(__name__)
 

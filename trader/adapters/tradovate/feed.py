@@ -29,12 +29,12 @@ from typing import Any
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from trader.adapters.tradovate.protocol import iso_to_ns, ns_to_iso
+from trader.adapters.tradovate.rest import RateLimited, TradovateRest, TransientError
+from trader.adapters.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
 from trader.config import Settings
 from trader.domain import Bar, BatchKind, ComponentHealth
 from trader.ports import Batch
-from trader.tradovate.protocol import iso_to_ns, ns_to_iso
-from trader.tradovate.rest import RateLimited, TradovateRest, TransientError
-from trader.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
 
 log = structlog.get_logger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 import structlog
 
+from trader.adapters.tradovate.protocol import HEARTBEAT, FrameError, encode_request, parse_frame
+from trader.adapters.tradovate.rest import AuthError, PenaltyError, RateLimited, TradovateError
 from trader.config import TradovateConfig
-from trader.tradovate.protocol import HEARTBEAT, FrameError, encode_request, parse_frame
-from trader.tradovate.rest import AuthError, PenaltyError, RateLimited, TradovateError
 
 log = structlog.get_logger(__name__)
 

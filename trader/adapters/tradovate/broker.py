@@ -37,6 +37,16 @@ from typing import Any
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from trader.adapters.tradovate.protocol import iso_to_ns
+from trader.adapters.tradovate.rest import (
+    PenaltyError,
+    RateLimited,
+    RejectedError,
+    TradovateError,
+    TradovateRest,
+    TransientError,
+)
+from trader.adapters.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
 from trader.config import Settings
 from trader.domain import (
     Bar,
@@ -50,16 +60,6 @@ from trader.domain import (
     Side,
     TickGrid,
 )
-from trader.tradovate.protocol import iso_to_ns
-from trader.tradovate.rest import (
-    PenaltyError,
-    RateLimited,
-    RejectedError,
-    TradovateError,
-    TradovateRest,
-    TransientError,
-)
-from trader.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
 
 log = structlog.get_logger(__name__)
 

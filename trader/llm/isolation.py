@@ -1,0 +1,193 @@
+"""Keep llama.cpp off the bar loop's core and out of its interpreter.
+
+Two ways (``llm_model.isolation``), measured by ``scripts/bench --llm``:
+
+* ``process`` (default): the model runs in a child process (spawned, so it shares no interpreter
+  state with the daemon). The daemon's advisor thread only waits on a pipe, so llama-cpp-python's
+  per-token Python work (sampling, grammar, stopping criteria) never competes for the daemon's GIL;
+  the child pins itself to every core but the first and runs ``n_threads`` (default: all cores but
+  one) threads, leaving a core to the bar loop;
+* ``thread``: the model runs in the advisor's worker thread of the daemon, pinned the same way.
+
+A query that outlives its timeout in a child is abandoned by terminating the child; the next
+query starts a new one (the model loads again, about a second for a small GGUF).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from typing import Any
+
+import structlog
+
+from trader.config import LLMModelConfig
+from trader.domain import LLMReply
+from trader.errors import LLMError
+
+
+class LLMTimeout(LLMError):
+    """No answer within the query timeout."""
+
+
+log = structlog.get_logger(__name__)
+
+_START_S = 120.0  # a large GGUF from a cold disk
+
+
+def llm_threads(cfg: LLMModelConfig) -> int:
+    """``n_threads`` as configured, or all cores but one (the bar loop's) when it is 0."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.isolation == "none":
+        return cfg.n_threads or cpus  # the old way: every core, the bar loop's included
+    return cfg.n_threads or max(1, cpus - 1)
+
+
+def pin_off_first_core() -> None:
+    """Pin the calling thread (and the threads it starts) to every core but the lowest one, when
+    there are at least two; the bar loop keeps that one to itself."""
+    if not hasattr(os, "sched_getaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 1:
+        os.sched_setaffinity(0, cores[1:])
+
+
+def _child_main() -> None:
+    """The child process (``python -m trader.llm.isolation CFG_JSON PREFIX_CACHE``): load the model,
+    then answer one JSON line ``[system, user, timeout_s]`` with one JSON line, until stdin ends.
+    The protocol has stdout to itself: whatever llama.cpp prints goes to stderr."""
+    proto = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    pin_off_first_core()
+    cfg_json, prefix_cache = sys.argv[1], sys.argv[2] == "1"
+
+    def send(kind: str, detail: Any) -> None:
+        proto.write(json.dumps([kind, detail]) + "\n")
+        proto.flush()
+
+    try:
+        from trader.llm.backends import LlamaCppBackend
+
+        backend = LlamaCppBackend(LLMModelConfig.model_validate_json(cfg_json), prefix_cache)
+    except Exception as exc:
+        send("error", str(exc))
+        return
+    send("ready", backend.name)
+    try:
+        for line in sys.stdin:
+            system, user, timeout_s = json.loads(line)
+            try:
+                r = backend.complete(system, user, float(timeout_s))
+            except Exception as exc:
+                send("error", f"{type(exc).__name__}: {exc}")
+            else:
+                tokens = (r.prompt_tokens, r.completion_tokens)
+                send("ok", (r.text, r.action_probs, *tokens, r.latency_s, r.timed_out))
+    finally:
+        backend.close()
+
+
+class ProcessBackend:
+    """llama.cpp in a child process, behind the LLMBackend port (JSON lines over its stdin/stdout;
+    a plain ``python -m`` child, so nothing of the parent's ``__main__`` runs again)."""
+
+    name = "llama_cpp"
+
+    def __init__(self, cfg: LLMModelConfig, prefix_cache: bool = True) -> None:
+        self.cfg = cfg.model_copy(update={"n_threads": llm_threads(cfg)})
+        self.prefix_cache = prefix_cache
+        self._proc: subprocess.Popen[str] | None = None
+        self.restarts = 0
+        self._start()  # a broken model file fails here, at start, with the child's message
+
+    def _start(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "trader.llm.isolation",
+            self.cfg.model_dump_json(),
+            "1" if self.prefix_cache else "0",
+        ]
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8"
+        )
+        try:
+            kind, detail = self._read(proc, _START_S)
+        except LLMError:
+            proc.kill()
+            proc.wait(5)
+            raise
+        if kind != "ready":
+            proc.wait(5)
+            raise LLMError(str(detail))
+        self._proc = proc
+        log.info("llm_process_started", pid=proc.pid, threads=self.cfg.n_threads)
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], timeout_s: float) -> tuple[str, Any]:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+        if not ready:
+            raise LLMTimeout(f"no answer from the LLM process within {timeout_s:.0f} s")
+        line = proc.stdout.readline()
+        if not line:
+            code = proc.poll()
+            raise LLMError(f"the LLM process exited (exit code {code})")
+        kind, detail = json.loads(line)
+        return str(kind), detail
+
+    def complete(self, system: str, user: str, timeout_s: float) -> LLMReply:
+        if self._proc is None or self._proc.poll() is not None:
+            if self._proc is not None:
+                self.restarts += 1
+            self._start()
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        t0 = time.perf_counter()
+        try:
+            proc.stdin.write(json.dumps([system, user, timeout_s]) + "\n")
+            proc.stdin.flush()
+            kind, detail = self._read(proc, timeout_s + 5.0)  # the child stops at timeout_s itself
+        except LLMTimeout:
+            self._kill()
+            raise
+        except (OSError, ValueError) as exc:
+            self._kill()
+            raise LLMError(f"the LLM process died: {exc!r}") from None
+        if kind != "ok":
+            raise LLMError(str(detail))
+        text, probs, pt, ct, latency_s, timed_out = detail
+        # the daemon's latency is what it waited, pipe included
+        latency = max(float(latency_s), time.perf_counter() - t0)
+        return LLMReply(
+            text, None if probs is None else tuple(probs), pt, ct, latency, self.name, bool(timed_out)
+        )
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            assert proc.stdin is not None
+            proc.stdin.close()  # the child's loop ends
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+if __name__ == "__main__":
+    _child_main()
