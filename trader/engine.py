@@ -56,6 +56,7 @@ log = structlog.get_logger(__name__)
 ACTIONS = tuple(Action)
 WARMUP_CHOICE = PolicyChoice(0, 1.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 _WARMUP = Decision(Action.HOLD, "warmup", Action.HOLD, 1.0, None, None, ("warmup",))
+_ONE_HOT = tuple([1.0 if k == a else 0.0 for k in range(N_ACTIONS)] for a in range(N_ACTIONS))
 
 
 class NullJournal:
@@ -67,7 +68,10 @@ class NullJournal:
     def commit_point(self) -> None:
         pass
 
-    def discard_uncommitted(self) -> None:
+    def discard_uncommitted(self, keep: tuple[str, ...] = ()) -> None:
+        pass
+
+    def update_config(self, run_id: str, config_json: str) -> None:
         pass
 
 
@@ -123,6 +127,7 @@ class Engine:
         advisor: AdviceSource | None = None,
         journal_bars: bool = False,
         adopt_broker_state: bool = False,
+        real_broker: bool = False,
         first_index: int = 0,
     ) -> None:
         self.settings = settings
@@ -138,6 +143,7 @@ class Engine:
         self.advisor = advisor
         self.journal_bars = journal_bars  # service runs journal every bar (the recovery source)
         self.adopt_broker_state = adopt_broker_state
+        self.real_broker = real_broker  # orders reach a market (live): they are kept on abort
         self.clock = features.clock  # type: ignore[attr-defined]
         self.portfolio = Portfolio(settings)
         self.masker = ActionMasker(settings)
@@ -153,12 +159,16 @@ class Engine:
         self.last_bar_at = 0.0  # monotonic time the last bar finished
         self.last_bar: Bar | None = None
         self._trade_seq = 0
+        self._flatten_seq = 0
         self._reject_seq = 0
         self._bar_seq = 0
         self._stop_requested = False
+        self._in_bar = False  # between observe() and the bar's commit
+        self._pending_controls: list[tuple[Row, str | None]] = []
         self._catching_up = False
         self._redriving = False  # recovery: no journal, no advisor
-        self._given_fills: list[Fill] | None = None  # recovery of a live run: the journaled fills
+        # recovery of a live run: the journaled fills, each with the stop it left working
+        self._given_fills: list[tuple[Fill, float | None]] | None = None
         # the action mask an Observed points at (the observation is the feature source's buffer)
         self._mask: np.ndarray = np.ones(N_ACTIONS, dtype=np.bool_)
 
@@ -230,10 +240,14 @@ class Engine:
         self._commit()
 
     async def abort(self) -> None:
-        """End of a failed run: the half-done bar's rows are dropped (the journal ends at the last
-        complete bar, as after a crash, so a restart re-drives to exactly there); nothing else is
-        sent or journaled; the broker is stopped."""
-        self.journal.discard_uncommitted()
+        """End of a failed run: the half-done bar is dropped, so the journal ends at the last
+        complete bar as after a crash and a restart re-drives to exactly there; nothing else is
+        sent. With a real broker the bar's orders and fills are kept: they happened, and the broker
+        recognises a journaled order id instead of sending it again. The broker is stopped."""
+        keep = ("orders", "fills", "trades", "account") if self.real_broker else ()
+        self.journal.discard_uncommitted(keep)
+        self._in_bar = False
+        self._flush_controls()
         await self.broker.stop()
 
     # -- one bar ------------------------------------------------------------------------------------
@@ -271,6 +285,7 @@ class Engine:
             self._reject(bar, row, reason)
             return None
         t0 = time.perf_counter_ns()
+        self._in_bar = True
         i = self.bar_index
         self.bar_index = i + 1
         self.last_bar = bar
@@ -281,7 +296,7 @@ class Engine:
             self.broker.on_bar(bar)
             self.apply_broker_events()
         elif given:
-            self._apply_fills(given)
+            self._apply_given(given)
         self.controls.bar_arrived()
         if self.journal_bars:
             self._journal_bar("bar", i, bar)
@@ -320,17 +335,22 @@ class Engine:
             decision = _WARMUP
         ctx = self.controls.risk_context(bar.ts_ns, o.minute_of_day, self.features.context, self._catching_up)
         verdict = self.risk.review(decision.action, snap, ctx)  # 8
-        plan = self.planner.plan(verdict, snap, self.features.atr, i)  # 9
-        if plan is not None:
-            await self._execute(plan, bar.ts_ns, i)  # 10
-        if pf.trailing:
-            new_stop = self.planner.trail(pf.position, pf.stop_price, pf.trail_ticks, bar.close)
-            if new_stop is not None:
-                await self._set_stop(new_stop)
+        await self._carry_out(o, verdict)  # 9-10
         if ctx.flatten and pf.position == 0:
             self.controls.flat()  # an operator's flatten request is done once flat
         latency = time.perf_counter_ns() - o.t0_ns - int(waited * 1e9)
         self._account_for(i, bar, probs, decision, advice, verdict, latency)  # 11
+
+    async def _carry_out(self, o: Observed, verdict: Verdict) -> None:
+        """Steps 9-10: the verdict's orders and stop changes, then the trailing stop."""
+        pf = self.portfolio
+        plan = self.planner.plan(verdict, o.snapshot, self.features.atr, o.bar_index)  # 9
+        if plan is not None:
+            await self._execute(plan, o.bar.ts_ns, o.bar_index)  # 10
+        if pf.trailing:
+            new_stop = self.planner.trail(pf.position, pf.stop_price, pf.trail_ticks, o.bar.close)
+            if new_stop is not None:
+                await self._set_stop(new_stop)
 
     def _account_for(
         self,
@@ -388,13 +408,23 @@ class Engine:
             )
         )
         self._commit()  # this bar's rows are committed together or not at all
+        self._in_bar = False
+        if self._pending_controls:
+            self._flush_controls()
 
     # -- recovery -----------------------------------------------------------------------------------
-    async def redrive(self, bar: Bar | None, row: int, action: int, fills: list[Fill] | None = None) -> bool:
-        """Re-decide a journaled bar with its journaled fused action (crash recovery): nothing is
-        journaled and the advisor is not asked. ``fills``: a live run's journaled fills for this
-        bar, applied instead of asking the broker (which is not called at all); None = the broker
-        (paper) simulates them again. Returns False for a rejected bar."""
+    async def redrive(
+        self,
+        bar: Bar | None,
+        row: int,
+        verdict: Verdict,
+        fills: list[tuple[Fill, float | None]] | None = None,
+    ) -> bool:
+        """Re-do a journaled bar with its journaled final verdict (crash recovery): the same orders
+        and stop changes follow, whatever the controls, the advisor or a reload said then; nothing
+        is journaled. ``fills``: a live run's journaled fills for this bar with the stop each left
+        working, applied instead of asking the broker (which is not called at all); None = the
+        broker (paper) simulates them again. Returns False for a rejected bar."""
         self._redriving = True
         self._given_fills = fills
         try:
@@ -404,7 +434,10 @@ class Engine:
             o = self.observe(bar, row)
             if o is None:
                 return False
-            await self.decide(o, PolicyChoice(action, 1.0, [1.0 if k == action else 0.0 for k in range(6)]))
+            await self._carry_out(o, verdict)
+            latency = time.perf_counter_ns() - o.t0_ns
+            decision = Decision(verdict.action, "redrive", verdict.action, 1.0, None, None, ("redrive",))
+            self._account_for(o.bar_index, bar, _ONE_HOT[verdict.action], decision, None, verdict, latency)
             return True
         finally:
             self._redriving = False
@@ -428,11 +461,11 @@ class Engine:
         finally:
             self._redriving = False
 
-    def redrive_fills(self, fills: list[Fill]) -> None:
+    def redrive_fills(self, fills: list[tuple[Fill, float | None]]) -> None:
         """Apply journaled fills that arrived after the last bar (recovery of a live run)."""
         self._redriving = True
         try:
-            self._apply_fills(fills)
+            self._apply_given(fills)
         finally:
             self._redriving = False
 
@@ -454,9 +487,9 @@ class Engine:
         if pf.position == 0 or bar is None:
             return
         side = Side.SELL if pf.position > 0 else Side.BUY
-        intent = OrderIntent(
-            f"{self.run_id[:8]}-{self.bar_index}-stop", side, abs(pf.position), OrderKind.MARKET, reason
-        )
+        self._flatten_seq += 1  # re-driven flattens count too: ids stay unique across restarts
+        cid = f"{self.run_id[:8]}-{self.bar_index}-flat{self._flatten_seq}"
+        intent = OrderIntent(cid, side, abs(pf.position), OrderKind.MARKET, reason)
         self._record(rows.order(self.run_id, intent, self.bar_index - 1, bar.ts_ns))
         self.stats.orders += 1
         await self.broker.flatten_now(intent, bar)
@@ -465,13 +498,30 @@ class Engine:
         if not self._redriving:
             log.warning("flattened", reason=reason, position=pf.position)
 
-    def journal_control(self, action: str, source: str, result: str, reason: str = "") -> None:
-        """Journal a control request at the bar it takes effect on (committed at once)."""
+    def journal_control(
+        self, action: str, source: str, result: str, reason: str = "", config_json: str | None = None
+    ) -> None:
+        """Journal a control request at the bar it takes effect on. Between bars it is committed
+        at once; during a bar (an HTTP request served while the bar awaits the broker) it waits for
+        the bar's own commit, so a bar's rows are never committed half done. ``config_json``: an
+        accepted reload's configuration, which becomes the run's (a restart compares with it)."""
         from datetime import UTC, datetime
 
         at = datetime.now(UTC).isoformat()
-        self._record(rows.control(self.run_id, at, action, source, reason, result, self.bar_index))
-        self._commit()
+        self._pending_controls.append(
+            (rows.control(self.run_id, at, action, source, reason, result, self.bar_index), config_json)
+        )
+        if not self._in_bar:
+            self._flush_controls()
+
+    def _flush_controls(self) -> None:
+        pending, self._pending_controls = self._pending_controls, []
+        for row, config_json in pending:
+            self.journal.record(row)
+            if config_json is not None:
+                self.journal.update_config(self.run_id, config_json)
+        if pending:
+            self.journal.commit_point()
 
     def reload(self, parts: DecisionParts) -> None:
         """Swap the reloadable parts all at once (a reload built and validated them first)."""
@@ -556,13 +606,20 @@ class Engine:
             log.info("reconciled", why=r.why, position=r.position)
 
     def _apply_fills(self, fills: list[Fill]) -> None:
-        pf = self.portfolio
         for f in fills:
-            self.stats.fills += 1
-            self._record(rows.fill(self.run_id, self.stats.fills, f))
-            for t in pf.apply_fill(f):
-                self._trade_seq += 1
-                self._record(rows.trade(self.run_id, self._trade_seq, t))
-            working = self.broker.working_stop if self._given_fills is None else pf.stop_price
-            pf.set_stop(working if pf.position else None)
-            self._record(rows.account(self.run_id, f.ts_ns, pf.snapshot(), f"fill:{f.purpose}"))
+            self._apply_fill(f, self.broker.working_stop)
+
+    def _apply_given(self, fills: list[tuple[Fill, float | None]]) -> None:
+        for f, stop in fills:
+            self._apply_fill(f, stop)
+
+    def _apply_fill(self, f: Fill, working_stop: float | None) -> None:
+        """One fill into the portfolio; the stop is the one working at the broker after it."""
+        pf = self.portfolio
+        self.stats.fills += 1
+        self._record(rows.fill(self.run_id, self.stats.fills, f))
+        for t in pf.apply_fill(f):
+            self._trade_seq += 1
+            self._record(rows.trade(self.run_id, self._trade_seq, t))
+        pf.set_stop(working_stop if pf.position else None)
+        self._record(rows.account(self.run_id, f.ts_ns, pf.snapshot(), f"fill:{f.purpose}"))

@@ -6,8 +6,9 @@ plus what the shutdown did between bars (cancelled entries, a flatten, late fill
 the same run continues:
 
 1. its journaled decisions are re-driven through the run's own engine over the same bars
-   (:meth:`Engine.redrive`: the journaled fused action, the journal and the LLM detached), with
-   the operator's controls re-applied at the bars they took effect on. That rebuilds everything
+   (:meth:`Engine.redrive`: each bar's journaled final verdict, so whatever the controls, a
+   backfill, a reload or the LLM said then, the same orders and stop changes follow; the journal
+   and the LLM detached); then the operator's controls are re-applied in order. That rebuilds everything
    the engine holds: position, average entry, stop, break-even and trailing state, balance, peak
    equity and the drawdown threshold, daily P&L, the loss streak and recent-trades window, the
    paper broker's working orders, the order/fill/trade sequence numbers, and the operator state
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from trader.domain import Action, Verdict, Veto
 from trader.errors import RecoveryError
 from trader.journal import reader
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from trader.wiring import Run
 
 log = structlog.get_logger(__name__)
+_HOLD = Verdict(Action.HOLD)
 
 
 @dataclass(frozen=True)
@@ -61,15 +64,19 @@ async def recover(run: Run) -> Recovered:
     """Re-drive ``run`` (built with its journaled run id) to where its journal ends."""
     eng, controls = run.engine, run.controls
     h = reader.run_history(run.journal.path, run.run_id)
-    pending = list(h.controls)  # (first bar, action, reason), oldest first
     last = -1 if h.last_decision is None else h.last_decision.bar_index
     live_fills = run.mode == "live"
-    stops = {i for i, a, _ in pending if a == "stop"}
+    stops = {i for i, a, _ in h.controls if a == "stop"}
 
-    def controls_until(bar_index: int) -> None:
-        while pending and pending[0][0] <= bar_index:
-            _, action, reason = pending.pop(0)
-            controls.restore([(action, reason)])
+    def verdict(i: int) -> Verdict:
+        final, flatten_reason, vetoes = h.verdicts[i]
+        action = Action(final)
+        vs = tuple(
+            Veto(*v.split(":", 1)) if ":" in v else Veto(v, "") for v in (vetoes or "").split(";") if v
+        )
+        # a vetoed BUY/SELL that still went through was a vetoed reversal turned exit-only
+        reduce_only = bool(vs) and action in (Action.BUY, Action.SELL)
+        return Verdict(action, vs, reduce_only, bool(flatten_reason), flatten_reason or "")
 
     async def after_bar(i: int) -> None:
         if i == last and h.last_decision is not None:
@@ -88,9 +95,9 @@ async def recover(run: Run) -> Recovered:
     redriven = 0
     if h.bars:  # a service run on the live feed: every bar is in the journal
         decided = [b for b in h.bars if b.kind == "bar"]
-        if len(decided) != len(h.actions):
+        if len(decided) != len(h.verdicts):
             raise RecoveryError(
-                f"run {run.run_id}: journal has {len(decided)} bars but {len(h.actions)} decisions"
+                f"run {run.run_id}: journal has {len(decided)} bars but {len(h.verdicts)} decisions"
             )
         given = 0
         for jb in h.bars:
@@ -98,11 +105,10 @@ async def recover(run: Run) -> Recovered:
                 eng.redrive_prime(jb.bar)
                 continue
             assert jb.index is not None
-            controls_until(jb.index)
             fills = None
             if live_fills:
                 fills, given = h.fills[given : jb.fills_through], max(given, jb.fills_through)
-            await eng.redrive(jb.bar, -1, h.actions[jb.index], fills)
+            await eng.redrive(jb.bar, -1, verdict(jb.index), fills)
             redriven += 1
             await after_bar(jb.index)
         if live_fills and given < len(h.fills):
@@ -113,18 +119,19 @@ async def recover(run: Run) -> Recovered:
         rb = run.recorded
         if rb is None:
             raise RecoveryError(f"run {run.run_id}: journal has no bars to re-drive a live-feed run from")
-        if last >= 0 and len(h.actions) != last + 1:
+        if last >= 0 and len(h.verdicts) != last + 1:
             raise RecoveryError(
-                f"run {run.run_id}: journal has {len(h.actions)} decisions for bars 0..{last}"
+                f"run {run.run_id}: journal has {len(h.verdicts)} decisions for bars 0..{last}"
             )
         row = 0
         while eng.bar_index <= last and row < len(rb):
             i = eng.bar_index
-            controls_until(i)
             bar = rb.bar(row) if int(rb.ts_ns[row]) >= 0 else None
             if bar is None:
-                await eng.redrive(None, row, 0)
-            elif await eng.redrive(bar, row, h.actions.get(i, 0)):
+                await eng.redrive(None, row, _HOLD)
+            elif i not in h.verdicts:
+                raise RecoveryError(f"run {run.run_id}: bar {i} of the data files has no journaled decision")
+            elif await eng.redrive(bar, row, verdict(i)):
                 redriven += 1
                 await after_bar(i)
             row += 1
@@ -135,7 +142,7 @@ async def recover(run: Run) -> Recovered:
             )
         last_ts = eng.last_bar.ts_ns if eng.last_bar is not None else -1
         next_row = row
-    controls_until(1 << 62)  # controls given after the last bar
+    controls.restore((a, r) for _, a, r in h.controls)  # halt, kill switch, flatten: as they ended
     pf = eng.portfolio
     if h.end_account is not None:
         pos, bal, thr = h.end_account

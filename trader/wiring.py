@@ -158,6 +158,7 @@ def _engine(
         advisor=advisor,
         journal_bars=journal_bars,
         adopt_broker_state=settings.tradovate.adopt_broker_state,
+        real_broker=broker.name != "paper",
     )
 
 

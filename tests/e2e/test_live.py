@@ -287,6 +287,22 @@ def test_a_restart_on_the_live_feed_continues_the_account_and_an_operator_halt(t
         runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
         con.close()
         assert runs == 1 and new_entries == 0
+
+        # a third start re-drives bars decided while catching up and halted: the journaled
+        # verdicts are replayed, whatever the controls and the backfill say now
+        p = start(cfg, journal, mode, env=env)
+        state = {}
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not state:
+            try:
+                code, body = http("GET", f"http://127.0.0.1:{port}/state")
+                state = body if code == 200 else {}
+            except OSError:
+                time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err[-2000:]
+        assert state["run_id"] == run_id and state["halted"] is True
         # (the restart re-drove the journal and checked the account to the cent, or it would have
         # exited 2 and /state would never have answered)
     finally:

@@ -177,3 +177,63 @@ def test_a_lost_journal_or_a_long_broker_outage_makes_the_service_unhealthy(tmp_
     time.sleep(0.3)  # the broker never connected
     assert op.unhealthy().startswith("broker tradovate disconnected for")
     live.journal.close()
+
+
+def test_a_reload_becomes_the_runs_configuration_so_a_restart_continues(tmp_path):
+    from trader.config import load_settings
+    from trader.journal import reader
+    from trader.wiring import config_differences
+
+    cfg, run, op = _reload_setup(tmp_path, "[fusion]\nquery_interval = 5\n")
+    cfg.write_text("[fusion]\nquery_interval = 7\n")
+    assert op.reload()["applied"] == {"fusion.query_interval": 7}
+    run.journal.flush()
+    journaled = reader.latest_run(run.journal.path, "paper")
+    assert journaled is not None
+    now = load_settings(cfg, {"advisor": {"mode": "sync"}, "service": {"http_enabled": False}})
+    assert config_differences(journaled.config_json, now) == []  # the restart may continue
+    run.journal.close()
+
+
+def test_a_control_during_a_bar_is_journaled_with_the_bar_never_before_it(tmp_path):
+    import asyncio
+    import sqlite3
+
+    from trader.engine import WARMUP_CHOICE
+
+    s = make_settings(service={"http_enabled": False})
+    run = build_replay(s, tmp_path / "j.sqlite", mode="paper")
+    eng = run.engine
+    o = eng.observe(run.recorded.bar(0), 0)  # the bar is under way (as while it awaits a broker)
+    eng.journal_control("halt", "127.0.0.1", "accepted", "mid-bar")
+    run.journal.flush()
+    con = sqlite3.connect(tmp_path / "j.sqlite")
+    assert con.execute("SELECT count(*) FROM control").fetchone()[0] == 0  # not committed half way
+    asyncio.run(eng.decide(o, WARMUP_CHOICE))
+    run.journal.flush()
+    assert con.execute("SELECT count(*) FROM decisions").fetchone()[0] == 1
+    assert con.execute("SELECT action, bar_index FROM control").fetchall() == [("halt", 1)]
+    con.close()
+    run.journal.close()
+
+
+def test_discarding_a_half_done_bar_keeps_what_a_real_broker_did(tmp_path):
+    import sqlite3
+
+    from trader.journal import Journal
+    from trader.journal.rows import Row
+
+    j = Journal(tmp_path / "j.sqlite")
+    j.record(Row("control", ("r", "t", "halt", "x", "", "accepted", 0)))
+    j.commit_point()
+    j.record(Row("orders", ("r", "r-5-0", 5, 1, 1, 1, "market", "entry", 40)))
+    j.record(Row("bars", ("r", 1, "bar", 5, 1, 1.0, 1.0, 1.0, 1.0, 1.0, 0)))
+    j.discard_uncommitted(("orders", "fills"))
+    j.record(Row("bars", ("r", 2, "bar", 6, 2, 1.0, 1.0, 1.0, 1.0, 1.0, 0)))  # never committed
+    j.close()
+    con = sqlite3.connect(tmp_path / "j.sqlite")
+    assert con.execute("SELECT client_id FROM orders").fetchall() == [("r-5-0",)]
+    assert con.execute("SELECT count(*) FROM control").fetchone()[0] == 1
+    # a close commits what was recorded; the discarded bar row is gone, the later one is there
+    assert con.execute("SELECT seq FROM bars").fetchall() == [(2,)]
+    con.close()

@@ -82,9 +82,10 @@ class AccountCheck:
 class RunHistory:
     """What a re-drive needs from the journal (see :mod:`trader.recovery`)."""
 
-    actions: dict[int, int]  # bar index -> fused action
+    # bar index -> (final action, flatten reason, vetoes text): what the run did at that bar
+    verdicts: dict[int, tuple[int, str | None, str | None]]
     bars: list[JournaledBar]  # live/paper-service runs; empty for a run without journaled bars
-    fills: list[Fill]
+    fills: list[tuple[Fill, float | None]]  # every fill with the stop working after it
     last_decision: AccountCheck | None
     # the final account row of a run that ended (graceful stop or failure): position, balance, threshold
     end_account: tuple[int, float, float] | None
@@ -95,15 +96,25 @@ class RunHistory:
 
 def run_history(path: str | Path, run_id: str) -> RunHistory:
     with _open(path) as con:
-        actions = {
-            int(i): int(a)
-            for i, a in con.execute("SELECT bar_index, fused_action FROM decisions WHERE run_id=?", (run_id,))
+        verdicts = {
+            int(i): (int(a), fr, v)
+            for i, a, fr, v in con.execute(
+                "SELECT bar_index, final_action, flatten_reason, vetoes FROM decisions WHERE run_id=?",
+                (run_id,),
+            )
         }
         bars = [
             JournaledBar(str(k), None if i is None else int(i), Bar(int(ts), o, h, lo, c, v), int(ft or 0))
             for k, i, ts, o, h, lo, c, v, ft in con.execute(
                 "SELECT kind, bar_index, ts_ns, open, high, low, close, volume, fills_through FROM bars "
                 "WHERE run_id=? ORDER BY seq",
+                (run_id,),
+            )
+        ]
+        stops = [
+            None if r[0] is None else float(r[0])
+            for r in con.execute(
+                "SELECT stop_price FROM account WHERE run_id=? AND reason LIKE 'fill:%' ORDER BY rowid",
                 (run_id,),
             )
         ]
@@ -115,6 +126,8 @@ def run_history(path: str | Path, run_id: str) -> RunHistory:
                 (run_id,),
             )
         ]
+        if len(stops) != len(fills):
+            raise JournalError(f"run {run_id}: {len(fills)} fills but {len(stops)} account rows after fills")
         last = con.execute(
             "SELECT bar_index, position, balance_usd, equity_usd, threshold_usd FROM decisions "
             "WHERE run_id=? ORDER BY bar_index DESC LIMIT 1",
@@ -142,9 +155,9 @@ def run_history(path: str | Path, run_id: str) -> RunHistory:
             )
         ]
     return RunHistory(
-        actions,
+        verdicts,
         bars,
-        fills,
+        list(zip(fills, stops, strict=True)),
         None if last is None else AccountCheck(int(last[0]), int(last[1]), last[2], last[3], last[4]),
         None if acct is None or acct[3] != "run_end" else (int(acct[0]), float(acct[1]), float(acct[2])),
         int(max_qid or 0),

@@ -39,6 +39,7 @@ INSERT_RUN = (
 FINISH_RUN = "UPDATE runs SET finished_at=?, status=?, bars=?, bars_rejected=?, report_json=? WHERE run_id=?"
 RESUME_RUN = "UPDATE runs SET status='running', finished_at=NULL WHERE run_id=?"
 ABANDON_RUN = "UPDATE runs SET status='abandoned' WHERE run_id=?"
+UPDATE_CONFIG = "UPDATE runs SET config_json=? WHERE run_id=?"
 
 
 def run_params(

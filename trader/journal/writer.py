@@ -112,10 +112,16 @@ class Journal:
         committed all together or not at all."""
         self._buf.append(("__point__", None))
 
-    def discard_uncommitted(self) -> None:
-        """Drop the rows recorded since the last commit point (a bar that failed half way: the
-        journal stays at the last complete bar, as after a crash)."""
-        self._buf.append(("__discard__", None))
+    def discard_uncommitted(self, keep: tuple[str, ...] = ()) -> None:
+        """Drop the rows recorded since the last commit point, but those of the ``keep`` tables
+        (a bar that failed half way: the journal stays at the last complete bar, as after a
+        crash, with what really happened at a broker kept)."""
+        self._buf.append(("__discard__", frozenset(keep)))
+        self.commit_point()
+
+    def update_config(self, run_id: str, config_json: str) -> None:
+        """The run's configuration from now on (an accepted reload), with the next commit."""
+        self._buf.append(("__sql__", (rows.UPDATE_CONFIG, (config_json, run_id))))
 
     def record(self, row: Row) -> None:
         if self._error is not None:
@@ -225,7 +231,7 @@ class Journal:
                     if table == "__point__":
                         _release(staged, pending, statements)
                     elif table == "__discard__":
-                        staged.clear()
+                        staged[:] = [r for r in staged if r[0] in item[1]]
                     elif table == "__flush__":
                         flushes.append(item[1])
                     else:

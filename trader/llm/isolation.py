@@ -119,13 +119,13 @@ class ProcessBackend:
         )
         try:
             kind, detail = self._read(proc, _START_S)
-        except LLMError:
-            proc.kill()
-            proc.wait(5)
+            if kind != "ready":
+                raise LLMError(str(detail))
+        except BaseException:
+            proc.kill()  # never leave a half-started child behind
+            with contextlib.suppress(Exception):
+                proc.wait(5)
             raise
-        if kind != "ready":
-            proc.wait(5)
-            raise LLMError(str(detail))
         self._proc = proc
         log.info("llm_process_started", pid=proc.pid, threads=self.cfg.n_threads)
 
@@ -139,7 +139,10 @@ class ProcessBackend:
         if not line:
             code = proc.poll()
             raise LLMError(f"the LLM process exited (exit code {code})")
-        kind, detail = json.loads(line)
+        try:
+            kind, detail = json.loads(line)
+        except (ValueError, TypeError):
+            raise LLMError(f"the LLM process wrote {line[:80]!r}, not an answer") from None
         return str(kind), detail
 
     def complete(self, system: str, user: str, timeout_s: float) -> LLMReply:
@@ -154,8 +157,8 @@ class ProcessBackend:
             proc.stdin.write(json.dumps([system, user, timeout_s]) + "\n")
             proc.stdin.flush()
             kind, detail = self._read(proc, timeout_s + 5.0)  # the child stops at timeout_s itself
-        except LLMTimeout:
-            self._kill()
+        except LLMError:
+            self._kill()  # abandoned or broken: the next query starts a fresh child
             raise
         except (OSError, ValueError) as exc:
             self._kill()

@@ -95,7 +95,11 @@ class Operator:
         self.reloads += 1
         log.info("config_reloaded", applied=applied, restart_required=restart)
         self.engine.journal_control(
-            "reload", "SIGHUP", "accepted", f"applied {sorted(applied)}; restart needed for {restart}"
+            "reload",
+            "SIGHUP",
+            "accepted",
+            f"applied {sorted(applied)}; restart needed for {restart}",
+            config_json=merged.model_dump_json(),
         )
         return {"applied": applied, "restart_required": restart}
 

@@ -96,12 +96,18 @@ class Service:
                 # the engine stops after the current bar; a paced feed may be waiting for the next
                 # bar, so give it a moment and then interrupt the wait
                 done, _ = await asyncio.wait({engine}, timeout=self.settings.service.stop_timeout_s / 4)
+                if not done and self.engine.busy_since:  # inside a bar (a slow broker): let it finish
+                    done, _ = await asyncio.wait({engine}, timeout=self.settings.service.stop_timeout_s / 4)
                 if not done:
+                    mid_bar = bool(self.engine.busy_since)
                     engine.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await engine
+                    if mid_bar:  # a half-done bar: end as a failed run, the journal at the last bar
+                        log.error("stop_interrupted_a_bar")
+                        self._engine_failed = True
             if engine.cancelled():
-                status = "stopped"
+                status = "failed" if self._engine_failed else "stopped"
             else:
                 self._engine_failed = engine.exception() is not None
                 stats = engine.result()  # a failed engine raises here
@@ -137,6 +143,7 @@ class Service:
                 last = now
 
     async def _shutdown(self, status: str) -> None:
+        """Whatever went wrong before, the journal is finished and closed here."""
         self.stopping = True
         self.run.controls.stopping = True
         eng = self.engine
@@ -147,12 +154,14 @@ class Service:
             else:
                 eng.journal_control("stop", "service", "accepted", status)
                 await eng.close(flatten=self.settings.service.on_stop == "flatten")
-        except JournalError as exc:
-            log.error("journal_write_failed_at_stop", error=str(exc))
+        except Exception as exc:  # a broker or journal failure must not skip finishing the journal
+            status = "failed"
+            log.error("shutdown_step_failed", error=repr(exc))
         finally:
             if self.http is not None:
                 await self.http.stop()
-            await eng.feed.close()
+            with contextlib.suppress(Exception):
+                await eng.feed.close()
         from trader.report import build_report
 
         report = build_report(

@@ -262,6 +262,7 @@ class TradovateBroker:
         if busy:
             # the position is about to change: acting on the old one could double it
             log.warning("order_skipped_in_flight", client_id=intent.client_id, waiting_for=busy[0].client_id)
+            self._events.append(OrderRejected(intent.client_id, f"not sent: {busy[0].client_id} in flight"))
             return
         qty = intent.qty
         if intent.purpose.startswith("exit"):
@@ -311,6 +312,13 @@ class TradovateBroker:
     async def _place_new(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Send a new order at most once in effect. Returns the result, or None if refused."""
         cid = body["clOrdId"]
+        if cid in self.known_client_ids:
+            # journaled before a restart (a bar that failed after sending): placed already?
+            found = await self._find_placed(cid)
+            if found is not None:
+                self.adopted_orders += 1
+                log.warning("order_found_from_before_restart", client_id=cid, order_id=found)
+                return {"orderId": found, **self._bracket_of(found)}
         deadline = time.monotonic() + self.cfg.order_retry_s
         attempt = 0
         while True:
@@ -520,10 +528,10 @@ class TradovateBroker:
     # -- reconciliation -----------------------------------------------------------------------------
     async def reconcile(self, why: str) -> None:
         """Compare the broker's position, working orders and fills with what this process knows."""
-        positions = await self.rest.get("/position/list")
         orders = await self.rest.get("/order/list")
         fills = await self.rest.get("/fill/list")
         commands = await self.rest.get("/command/list")
+        positions = await self.rest.get("/position/list")  # last: no fill lands after it unseen
         self.reconciles += 1
         by_order_cid = {int(c["orderId"]): c.get("clOrdId") for c in commands or [] if c.get("orderId")}
         known = self.known_client_ids
