@@ -335,18 +335,19 @@ class Engine:
             decision = _WARMUP
         ctx = self.controls.risk_context(bar.ts_ns, o.minute_of_day, self.features.context, self._catching_up)
         verdict = self.risk.review(decision.action, snap, ctx)  # 8
-        await self._carry_out(o, verdict)  # 9-10
+        plan = self.planner.plan(verdict, snap, self.features.atr, i)  # 9
+        if plan is not None or pf.trailing:  # most bars have nothing to send
+            await self._carry_out(o, plan)  # 10
         if ctx.flatten and pf.position == 0:
             self.controls.flat()  # an operator's flatten request is done once flat
         latency = time.perf_counter_ns() - o.t0_ns - int(waited * 1e9)
         self._account_for(i, bar, probs, decision, advice, verdict, latency)  # 11
 
-    async def _carry_out(self, o: Observed, verdict: Verdict) -> None:
-        """Steps 9-10: the verdict's orders and stop changes, then the trailing stop."""
+    async def _carry_out(self, o: Observed, plan: Plan | None) -> None:
+        """Step 10: the plan's orders and stop changes, then the trailing stop."""
         pf = self.portfolio
-        plan = self.planner.plan(verdict, o.snapshot, self.features.atr, o.bar_index)  # 9
         if plan is not None:
-            await self._execute(plan, o.bar.ts_ns, o.bar_index)  # 10
+            await self._execute(plan, o.bar.ts_ns, o.bar_index)
         if pf.trailing:
             new_stop = self.planner.trail(pf.position, pf.stop_price, pf.trail_ticks, o.bar.close)
             if new_stop is not None:
@@ -434,7 +435,7 @@ class Engine:
             o = self.observe(bar, row)
             if o is None:
                 return False
-            await self._carry_out(o, verdict)
+            await self._carry_out(o, self.planner.plan(verdict, o.snapshot, self.features.atr, o.bar_index))
             latency = time.perf_counter_ns() - o.t0_ns
             decision = Decision(verdict.action, "redrive", verdict.action, 1.0, None, None, ("redrive",))
             self._account_for(o.bar_index, bar, _ONE_HOT[verdict.action], decision, None, verdict, latency)

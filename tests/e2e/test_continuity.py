@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.test_crash_recovery import TABLES, _rows
 from tests.e2e.test_service import TOKEN, http
 from tests.llm_server import free_port
@@ -30,9 +32,10 @@ class FailingPolicy:
 
         self.inner = OnnxPolicy(BUNDLED_POLICY, build_layout(settings.features.use_llm_features, ()))
         self.fail_at = int(os.environ.get("FAIL_AT_BAR", "-1"))
+        self.fail_at_loss = float(os.environ.get("FAIL_AT_DAILY_LOSS", "inf"))
 
     def act(self, o):  # type: ignore[no-untyped-def]
-        if o.bar_index == self.fail_at:
+        if o.bar_index == self.fail_at or -o.snapshot.daily_pnl_usd >= self.fail_at_loss:
             raise RuntimeError(f"injected failure at bar {o.bar_index}")
         return self.inner.act(o)
 
@@ -139,31 +142,6 @@ def test_a_failed_run_restarted_gives_the_uninterrupted_journal(tmp_path):
     assert got["status"] == expected["status"] == [("completed", 5520)]
 
 
-def test_kill_9_after_the_daily_loss_limit_keeps_it_after_the_restart(tmp_path):
-    port = free_port()
-    cfg, db = _cfg(tmp_path, port, "[risk]\ndaily_loss_limit_usd = 150.0\n"), tmp_path / "j.sqlite"
-    p = _start(cfg, db)
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        if (
-            db.exists()
-            and _q(db, "SELECT count(*) FROM decisions WHERE flatten_reason='daily_loss_limit'")[0][0]
-        ):
-            break
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.communicate()
-    ((last,),) = _q(db, "SELECT max(bar_index) FROM decisions")
-    p = _start(cfg, db)
-    state = _wait_state(port, lambda s: True)
-    assert state["daily_pnl_usd"] <= -150.0  # the day's loss came back with the account
-    p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=60)
-    # every bar decided in that session after the restart is held flat by the limit
-    rows = _q(db, f"SELECT flatten_reason FROM decisions WHERE bar_index > {last} LIMIT 5")
-    assert rows and all(r == ("daily_loss_limit",) for r in rows)
-
-
 def test_deleting_the_journal_mid_run_fails_health_and_stops_the_service(tmp_path):
     port = free_port()
     cfg, db = _cfg(tmp_path, port), tmp_path / "j.sqlite"
@@ -191,3 +169,61 @@ def test_replay_runs_a_python_policy_by_dotted_path(tmp_path):
         [*cmd, "--policy", "strategies.rules:Nope"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and "policy.path" in r.stderr and "Nope" in r.stderr
+
+
+def _stop(p: subprocess.Popen[str], kind: str) -> None:
+    if kind == "failed":  # the injected failure ends it
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 1 and "injected failure" in err, err[-2000:]
+        return
+    p.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
+    _, err = p.communicate(timeout=60)
+    assert kind == "kill9" or p.returncode == 0, err[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["sigterm", "kill9", "failed"])
+def test_each_restart_kind_keeps_an_operator_halt(tmp_path, kind):
+    port = free_port()
+    cfg, db = _cfg(tmp_path, port), tmp_path / "j.sqlite"
+    p = _start(cfg, db, {"FAIL_AT_BAR": "3300"} if kind == "failed" else None)
+    _wait_state(port, lambda s: s["bars"] > 2600)
+    assert http("POST", f"http://127.0.0.1:{port}/halt", TOKEN, b'{"reason": "desk says stop"}')[0] == 200
+    time.sleep(0.3)
+    _stop(p, kind)
+    ((run_id,),) = _q(db, "SELECT run_id FROM runs")
+    p = _start(cfg, db)
+    state = _wait_state(port, lambda s: True)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err[-2000:]
+    assert state["run_id"] == run_id and state["halted"] is True and state["halt_reason"] == "desk says stop"
+    entries = _q(
+        db,
+        "SELECT count(*) FROM orders WHERE purpose='entry' AND bar_index >= "
+        "(SELECT max(bar_index) FROM control WHERE action='recover')",
+    )
+    assert entries == [(0,)]
+
+
+@pytest.mark.parametrize("kind", ["sigterm", "kill9", "failed"])
+def test_each_restart_kind_keeps_the_daily_loss_limit(tmp_path, kind):
+    port = free_port()
+    cfg, db = _cfg(tmp_path, port, "[risk]\ndaily_loss_limit_usd = 150.0\n"), tmp_path / "j.sqlite"
+    p = _start(cfg, db, {"FAIL_AT_DAILY_LOSS": "150"} if kind == "failed" else None)
+    if kind != "failed":
+        _wait_state(port, lambda s: s["daily_pnl_usd"] <= -150.0)
+    _stop(p, kind)
+    ((last,),) = _q(db, "SELECT max(bar_index) FROM decisions")
+    p = _start(cfg, db)
+    state = _wait_state(port, lambda s: True)
+    assert state["daily_pnl_usd"] <= -150.0  # the day's loss came back with the account
+    end = time.monotonic() + 30
+    while (
+        time.monotonic() < end
+        and _q(db, f"SELECT count(*) FROM decisions WHERE bar_index > {last}")[0][0] < 5
+    ):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=60)
+    rows = _q(db, f"SELECT flatten_reason FROM decisions WHERE bar_index > {last} ORDER BY bar_index LIMIT 5")
+    assert len(rows) == 5 and all(r == ("daily_loss_limit",) for r in rows)
