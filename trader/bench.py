@@ -27,12 +27,14 @@ SHARED = (
 
 
 def _one(data: Path) -> dict[str, float]:
+    from trader.llm.isolation import pin_bar_loop
     from trader.wiring import build_replay
 
     settings = load_settings(None, {"data": {"paths": [str(data)]}, "advisor": {"mode": "off"}})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run = build_replay(settings, Path(tmp) / "bench.sqlite")
+        pin_bar_loop(settings.cpu)  # as `trader replay` and `trader run` do
         setup = time.perf_counter() - t0
         t1 = time.perf_counter()
         stats = asyncio.run(_run(run.engine))
@@ -94,11 +96,13 @@ def llm_bar_path_once(
     idle stretches alternate through the run and share its conditions. The kill switch is on so no
     position or balance change triggers extra queries: every bar still runs the ONNX policy,
     fusion, risk and the journal; only orders are missing."""
+    from trader.llm.isolation import pin_bar_loop
     from trader.wiring import build_replay
 
     settings = load_settings(None, _llm_bench_overrides(isolation, n_threads, ms_per_bar, query_interval))
     with tempfile.TemporaryDirectory() as tmp:
         run = build_replay(settings, Path(tmp) / "llm.sqlite", advisor_timing="wall")
+        pin_bar_loop(settings.cpu)
         engine = run.engine
         stats = asyncio.run(_run(engine))
         run.journal.close()
@@ -129,6 +133,7 @@ def _llm_bench_overrides(isolation: str, n_threads: int, ms_per_bar: float, inte
         "fusion": {"query_interval": interval},
         "risk": {"kill_switch": True},
         "llm_model": {"isolation": isolation, "n_threads": n_threads},
+        "cpu": {"bar_loop_cores": "all" if isolation == "none" else "first"},
         "data": {"speed": 60_000.0 / ms_per_bar},
     }
 

@@ -98,10 +98,12 @@ class _Progress:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from trader.llm.isolation import pin_bar_loop
     from trader.report import build_report, format_table, write_json, write_plot_html
     from trader.wiring import build_replay
 
     run = build_replay(settings)
+    pin_bar_loop(settings.cpu)
     engine, journal = run.engine, run.journal
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -286,6 +286,15 @@ class JournalConfig(Section):
     flush_interval_ms: Annotated[int, Field(ge=1)] = 200
 
 
+class CpuConfig(Section):
+    """Which cores the bar loop keeps to itself (the daemon's threads: event loop, journal writer);
+    a local LLM runs on the others (trader/llm/isolation.py)."""
+
+    # "first": the first core this process may use (when it may use two or more); "all": no
+    # pinning; or core numbers, e.g. [2] for a second trader@ instance on a shared box
+    bar_loop_cores: Literal["first", "all"] | list[Annotated[int, Field(ge=0)]] = "first"
+
+
 class ServiceConfig(Section):
     """`trader run`: the health/metrics/control server, stopping, and the watchdog's view of health."""
 
@@ -362,6 +371,7 @@ class Settings(BaseSettings):
     logging: LoggingConfig = LoggingConfig()
     journal: JournalConfig = JournalConfig()
     service: ServiceConfig = ServiceConfig()
+    cpu: CpuConfig = CpuConfig()
     tradovate: TradovateConfig = TradovateConfig()
 
     @classmethod

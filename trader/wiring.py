@@ -301,7 +301,7 @@ async def open_service_run(settings: Settings, mode: str, journal_path: Path, fr
 
 
 # Sections that may differ between the run being continued and the restart.
-MAY_DIFFER = ("service", "logging", "journal")
+MAY_DIFFER = ("service", "logging", "journal", "cpu")
 
 
 def config_differences(old_json: str, settings: Settings) -> list[str]:

@@ -516,3 +516,32 @@ def test_a_dead_http_backend_leaves_the_bar_loop_running(tmp_path):
         stats.status == "completed"
         and run.engine.advisor.stats.errors == run.engine.advisor.stats.queries > 0
     )
+
+
+def test_the_model_process_fails_clearly_at_start_and_comes_back_after_dying(tmp_path):
+    """llm_model.isolation = process: a broken model file is an LLMError naming it, with no child
+    left behind; a child that dies is replaced by the next query."""
+    import signal as sig
+
+    from trader.config import load_settings as ls
+    from trader.llm.backends import build_backend
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(LLMError, match=r"broken\.gguf"):
+        build_backend(ls(None, {"llm_model": {"path": str(bad)}}))
+
+    backend = build_backend(ls(None))
+    try:
+        assert type(backend).__name__ == "ProcessBackend"
+        first = backend.complete("You advise a futures trader.", "Price 16000. Answer.", 30.0)
+        assert first.text and first.action_probs is not None
+        assert backend.pid is not None
+        os.kill(backend.pid, sig.SIGKILL)  # the test plays the OOM killer
+        end = time.monotonic() + 5
+        while backend.alive and time.monotonic() < end:
+            time.sleep(0.01)
+        again = backend.complete("You advise a futures trader.", "Price 16001. Answer.", 30.0)
+        assert again.text and backend.restarts == 1
+    finally:
+        backend.close()

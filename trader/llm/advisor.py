@@ -42,7 +42,7 @@ from trader.journal import reader, rows
 from trader.journal.rows import Row
 from trader.llm.backends import LLMBackend, LLMError, LLMReply, LLMTimeout
 from trader.llm.grammar import parse_answer
-from trader.llm.isolation import pin_off_first_core
+from trader.llm.isolation import llm_cores, pin_thread
 from trader.llm.prompts import build_context, render
 
 log = structlog.get_logger(__name__)
@@ -210,7 +210,7 @@ class Advisor:
         backend = self.backend
         assert backend is not None
         if self.settings.llm_model.isolation == "thread":
-            pin_off_first_core()  # llama.cpp computes on this thread and the threads it starts
+            pin_thread(llm_cores(self.settings.cpu))  # llama.cpp computes on this thread and its own
         try:
             self._serve(backend)
         finally:

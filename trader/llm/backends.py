@@ -26,7 +26,7 @@ from trader.config import LLMModelConfig, OpenAIBackendConfig
 from trader.domain import ACTION_NAMES, N_ACTIONS, LLMReply
 from trader.errors import LLMError
 from trader.llm.grammar import ANSWER_GBNF, format_answer, parse_answer
-from trader.llm.isolation import LLMTimeout, llm_threads
+from trader.llm.isolation import LLMTimeout, llm_cores, llm_threads
 from trader.ports import LLMBackend
 
 log = structlog.get_logger(__name__)
@@ -61,7 +61,10 @@ def check_gguf(path: Path) -> None:
 class LlamaCppBackend:
     name = "llama_cpp"
 
-    def __init__(self, cfg: LLMModelConfig, prefix_cache: bool = True) -> None:
+    def __init__(
+        self, cfg: LLMModelConfig, prefix_cache: bool = True, cores: list[int] | None = None
+    ) -> None:
+        """``cores``: where the advisor's thread runs it (``llm_model.isolation = "thread"``)."""
         import llama_cpp
         from llama_cpp import Llama, LlamaGrammar
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -81,8 +84,8 @@ class LlamaCppBackend:
             self.llm = Llama(
                 model_path=str(path),
                 n_ctx=cfg.n_ctx,
-                n_threads=llm_threads(cfg),
-                n_threads_batch=llm_threads(cfg),
+                n_threads=llm_threads(cfg, cores),
+                n_threads_batch=llm_threads(cfg, cores),
                 n_gpu_layers=n_gpu_layers,
                 verbose=False,
             )
@@ -338,8 +341,8 @@ def local_backend(settings: Any) -> LLMBackend:
     if cfg.isolation == "process":
         from trader.llm.isolation import ProcessBackend
 
-        return ProcessBackend(cfg, cache)
-    return LlamaCppBackend(cfg, cache)
+        return ProcessBackend(cfg, cache, llm_cores(settings.cpu))
+    return LlamaCppBackend(cfg, cache, llm_cores(settings.cpu) if cfg.isolation == "thread" else None)
 
 
 def build_backend(settings: Any) -> LLMBackend:

@@ -2,12 +2,15 @@
 
 Two ways (``llm_model.isolation``), measured by ``scripts/bench --llm``:
 
-* ``process`` (default): the model runs in a child process (spawned, so it shares no interpreter
-  state with the daemon). The daemon's advisor thread only waits on a pipe, so llama-cpp-python's
-  per-token Python work (sampling, grammar, stopping criteria) never competes for the daemon's GIL;
-  the child pins itself to every core but the first and runs ``n_threads`` (default: all cores but
-  one) threads, leaving a core to the bar loop;
-* ``thread``: the model runs in the advisor's worker thread of the daemon, pinned the same way.
+* ``process`` (default): the model runs in a child process (``python -m``, so it shares no
+  interpreter state with the daemon). The daemon's advisor thread only waits on a pipe, so
+  llama-cpp-python's per-token Python work (sampling, grammar, stopping criteria) never competes
+  for the daemon's GIL; the child pins itself to the cores the bar loop does not keep
+  (``cpu.bar_loop_cores``) and runs one thread per core (``n_threads``);
+* ``thread``: the model runs in the advisor's worker thread of the daemon, pinned the same way;
+* ``none``: the old way, kept to measure against: the advisor's thread, every core, unpinned.
+
+The bar loop's own threads are pinned by :func:`pin_bar_loop` once a run is built.
 
 A query that outlives its timeout in a child is abandoned by terminating the child; the next
 query starts a new one (the model loads again, about a second for a small GGUF).
@@ -26,9 +29,9 @@ from typing import Any
 
 import structlog
 
-from trader.config import LLMModelConfig
+from trader.config import CpuConfig, LLMModelConfig
 from trader.domain import LLMReply
-from trader.errors import LLMError
+from trader.errors import ConfigError, LLMError
 
 
 class LLMTimeout(LLMError):
@@ -40,22 +43,71 @@ log = structlog.get_logger(__name__)
 _START_S = 120.0  # a large GGUF from a cold disk
 
 
-def llm_threads(cfg: LLMModelConfig) -> int:
-    """``n_threads`` as configured, or all cores but one (the bar loop's) when it is 0."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cfg.isolation == "none":
-        return cfg.n_threads or cpus  # the old way: every core, the bar loop's included
-    return cfg.n_threads or max(1, cpus - 1)
-
-
-def pin_off_first_core() -> None:
-    """Pin the calling thread (and the threads it starts) to every core but the lowest one, when
-    there are at least two; the bar loop keeps that one to itself."""
+def _affinity() -> list[int]:
     if not hasattr(os, "sched_getaffinity"):
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) > 1:
-        os.sched_setaffinity(0, cores[1:])
+        return list(range(os.cpu_count() or 1))
+    return sorted(os.sched_getaffinity(0))
+
+
+_STARTED_WITH = _affinity()  # before any pinning of ours
+
+
+def allowed_cores() -> list[int]:
+    """The cores this process was started with (taskset, systemd CPUAffinity=)."""
+    return list(_STARTED_WITH)
+
+
+def bar_loop_cores(cfg: CpuConfig) -> list[int] | None:
+    """The cores the bar loop keeps (None: no pinning)."""
+    allowed = allowed_cores()
+    if cfg.bar_loop_cores == "all" or len(allowed) < 2:
+        return None
+    if cfg.bar_loop_cores == "first":
+        return allowed[:1]
+    cores = [c for c in cfg.bar_loop_cores if c in allowed]
+    if not cores:
+        raise ConfigError(
+            f"cpu.bar_loop_cores: {cfg.bar_loop_cores} has no core this process may use ({allowed})"
+        )
+    return cores
+
+
+def llm_cores(cfg: CpuConfig) -> list[int] | None:
+    """The cores a local LLM may use: every allowed core but the bar loop's (None: no pinning)."""
+    loop = bar_loop_cores(cfg)
+    if loop is None:
+        return None
+    rest = [c for c in allowed_cores() if c not in loop]
+    return rest or None
+
+
+def llm_threads(cfg: LLMModelConfig, cores: list[int] | None = None) -> int:
+    """``n_threads`` as configured, or one per LLM core (all cores but the bar loop's) when 0."""
+    if cfg.n_threads:
+        return cfg.n_threads
+    if cfg.isolation == "none":
+        return len(allowed_cores())  # the old way: every core, the bar loop's included
+    return len(cores) if cores else max(1, len(allowed_cores()) - 1)
+
+
+def pin_thread(cores: list[int] | None) -> None:
+    """Pin the calling thread (and the threads it starts) to ``cores``."""
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+
+
+def pin_bar_loop(cfg: CpuConfig) -> list[int] | None:
+    """Pin every thread of this process (event loop, journal writer, and those it starts later)
+    to the bar loop's cores; returns them. Call once the run is built, before it starts."""
+    cores = bar_loop_cores(cfg)
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cores or allowed_cores())
+    if cores is not None:
+        log.info("bar_loop_pinned", cores=cores)
+    return cores
 
 
 def _child_main() -> None:
@@ -64,8 +116,8 @@ def _child_main() -> None:
     The protocol has stdout to itself: whatever llama.cpp prints goes to stderr."""
     proto = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
-    pin_off_first_core()
-    cfg_json, prefix_cache = sys.argv[1], sys.argv[2] == "1"
+    cfg_json, prefix_cache, cores = sys.argv[1], sys.argv[2] == "1", json.loads(sys.argv[3])
+    pin_thread(cores)
 
     def send(kind: str, detail: Any) -> None:
         proto.write(json.dumps([kind, detail]) + "\n")
@@ -99,8 +151,11 @@ class ProcessBackend:
 
     name = "llama_cpp"
 
-    def __init__(self, cfg: LLMModelConfig, prefix_cache: bool = True) -> None:
-        self.cfg = cfg.model_copy(update={"n_threads": llm_threads(cfg)})
+    def __init__(
+        self, cfg: LLMModelConfig, prefix_cache: bool = True, cores: list[int] | None = None
+    ) -> None:
+        self.cores = cores
+        self.cfg = cfg.model_copy(update={"n_threads": llm_threads(cfg, cores)})
         self.prefix_cache = prefix_cache
         self._proc: subprocess.Popen[str] | None = None
         self.restarts = 0
@@ -113,6 +168,7 @@ class ProcessBackend:
             "trader.llm.isolation",
             self.cfg.model_dump_json(),
             "1" if self.prefix_cache else "0",
+            json.dumps(self.cores),
         ]
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8"
@@ -127,7 +183,7 @@ class ProcessBackend:
                 proc.wait(5)
             raise
         self._proc = proc
-        log.info("llm_process_started", pid=proc.pid, threads=self.cfg.n_threads)
+        log.info("llm_process_started", pid=proc.pid, threads=self.cfg.n_threads, cores=self.cores)
 
     @staticmethod
     def _read(proc: subprocess.Popen[str], timeout_s: float) -> tuple[str, Any]:
@@ -171,6 +227,15 @@ class ProcessBackend:
         return LLMReply(
             text, None if probs is None else tuple(probs), pt, ct, latency, self.name, bool(timed_out)
         )
+
+    @property
+    def pid(self) -> int | None:
+        """The model process's pid (None between a death and the next query)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None

@@ -28,6 +28,7 @@ import structlog
 
 from trader.config import Settings
 from trader.errors import JournalError
+from trader.llm.isolation import pin_bar_loop
 from trader.service.http import ControlServer
 from trader.service.notify import LoopWatchdog, Notifier
 from trader.service.operator import Operator
@@ -193,6 +194,7 @@ async def run_service(
         await run.engine.feed.close()
         run.journal.close()
         raise
+    pin_bar_loop(settings.cpu)  # the run is built: its threads keep their core(s) from here on
     svc = Service(settings, run, config_path, overrides)
     try:
         return await svc.main()
