@@ -57,6 +57,19 @@ def allowed_cores() -> list[int]:
     return list(_STARTED_WITH)
 
 
+_CHOSEN: list[int] = []
+
+
+def _current_core(allowed: list[int]) -> int:
+    """The core this process runs on, read once (so the bar loop and the LLM agree)."""
+    if not _CHOSEN:
+        core = allowed[0]
+        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/stat") as fh:
+            core = int(fh.read().rsplit(")", 1)[1].split()[36])  # field 39: the CPU last run on
+        _CHOSEN.append(core if core in allowed else allowed[0])
+    return _CHOSEN[0]
+
+
 def bar_loop_cores(cfg: CpuConfig) -> list[int] | None:
     """The cores the bar loop keeps (None: no pinning)."""
     allowed = allowed_cores()
@@ -64,6 +77,8 @@ def bar_loop_cores(cfg: CpuConfig) -> list[int] | None:
         return None
     if cfg.bar_loop_cores == "first":
         return allowed[:1]
+    if cfg.bar_loop_cores == "auto":
+        return [_current_core(allowed)]
     cores = [c for c in cfg.bar_loop_cores if c in allowed]
     if not cores:
         raise ConfigError(
