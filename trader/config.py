@@ -290,10 +290,10 @@ class CpuConfig(Section):
     """Which cores the bar loop keeps to itself (the daemon's threads: event loop, journal writer);
     a local LLM runs on the others (trader/llm/isolation.py)."""
 
-    # "auto": the core the process is running on when the run is built (parallel replays end up
-    # on different cores); "first": the first core it may use; "all": no pinning; or core
-    # numbers, e.g. [2] for a second trader@ instance on a shared box. With fewer than two
-    # usable cores nothing is pinned.
+    # "auto": a replay keeps the core it runs on when the run is built (parallel replays end up
+    # on different cores), the service is not pinned; "first": the first core it may use; "all":
+    # no pinning; or core numbers, e.g. [2] for a trader@ instance on a shared box. With fewer
+    # than two usable cores nothing is pinned.
     bar_loop_cores: Literal["auto", "first", "all"] | list[Annotated[int, Field(ge=0)]] = "auto"
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from trader.config import Settings
+from trader.config import CpuConfig, Settings
 from trader.errors import JournalError
 from trader.llm.isolation import pin_bar_loop
 from trader.service.http import ControlServer
@@ -187,6 +187,10 @@ async def run_service(
 ) -> int:
     """Continue the journal's run of this mode (any end: crash, stop, failure) or start one."""
     jpath = Path(journal or settings.journal.path)
+    if settings.cpu.bar_loop_cores == "auto":
+        # the service leaves its threads where the OS puts them (with every thread on one core,
+        # the live path stalled its network I/O for ~50 s in 2 of 10 test runs; cause not found)
+        settings = settings.model_copy(update={"cpu": CpuConfig(bar_loop_cores="all")})
     run = await open_service_run(settings, mode, jpath, fresh)
     try:
         await run.engine.feed.open()  # bad credentials fail here, before READY
