@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from trader.config import CpuConfig, Settings
+from trader.config import Settings
 from trader.errors import JournalError
 from trader.llm.isolation import pin_bar_loop
 from trader.service.http import ControlServer
@@ -187,10 +187,6 @@ async def run_service(
 ) -> int:
     """Continue the journal's run of this mode (any end: crash, stop, failure) or start one."""
     jpath = Path(journal or settings.journal.path)
-    if settings.cpu.bar_loop_cores == "auto":
-        # the service leaves its threads where the OS puts them (with every thread on one core,
-        # the live path stalled its network I/O for ~50 s in 2 of 10 test runs; cause not found)
-        settings = settings.model_copy(update={"cpu": CpuConfig(bar_loop_cores="all")})
     run = await open_service_run(settings, mode, jpath, fresh)
     try:
         await run.engine.feed.open()  # bad credentials fail here, before READY
@@ -198,7 +194,11 @@ async def run_service(
         await run.engine.feed.close()
         run.journal.close()
         raise
-    pin_bar_loop(settings.cpu)  # the run is built: its threads keep their core(s) from here on
+    if settings.cpu.bar_loop_cores != "auto":
+        # pinned only when configured: with "auto" the service's threads stay where the OS puts
+        # them (a local LLM still keeps off the core the service started on); a live test whose
+        # local server stalled did not stop within 60 s with every thread on one core
+        pin_bar_loop(settings.cpu)  # the run is built: its threads keep their core(s) from here on
     svc = Service(settings, run, config_path, overrides)
     try:
         return await svc.main()
