@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +56,7 @@ log = structlog.get_logger(__name__)
 ACTIONS = tuple(Action)
 WARMUP_CHOICE = PolicyChoice(0, 1.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 _WARMUP = Decision(Action.HOLD, "warmup", Action.HOLD, 1.0, None, None, ("warmup",))
+_REDRIVE = tuple(Decision(a, "redrive", a, 1.0, None, None, ("redrive",)) for a in Action)
 _ONE_HOT = tuple([1.0 if k == a else 0.0 for k in range(N_ACTIONS)] for a in range(N_ACTIONS))
 
 
@@ -318,10 +319,9 @@ class Engine:
         pf, stats = self.portfolio, self.stats
         waited = 0.0
         advice: Advice | None = None
-        if self.advisor is not None:
-            stats.llm_busy.append(self.advisor.busy)  # a query in flight while this bar is decided
+        advisor = self.advisor
+        busy = advisor is not None and advisor.busy  # a query in flight while this bar is decided
         if o.ready:
-            advisor = None if self._redriving else self.advisor
             if advisor is not None:  # 6
                 before = advisor.sim_wait_s
                 advice = advisor.on_bar(i, bar.ts_ns, conf, snap, o.minute_of_day, self.features.context)
@@ -341,7 +341,7 @@ class Engine:
         if ctx.flatten and pf.position == 0:
             self.controls.flat()  # an operator's flatten request is done once flat
         latency = time.perf_counter_ns() - o.t0_ns - int(waited * 1e9)
-        self._account_for(i, bar, probs, decision, advice, verdict, latency)  # 11
+        self._account_for(i, bar, probs, decision, advice, verdict, latency, busy)  # 11
 
     async def _carry_out(self, o: Observed, plan: Plan | None) -> None:
         """Step 10: the plan's orders and stop changes, then the trailing stop."""
@@ -362,6 +362,7 @@ class Engine:
         advice: Advice | None,
         verdict: Verdict,
         latency_ns: int,
+        llm_busy: bool,
     ) -> None:
         stats, pf, logs = self.stats, self.portfolio, self.settings.logging
         final = verdict.action
@@ -387,6 +388,8 @@ class Engine:
             if logs.log_risk_veto and not self._redriving:
                 log.info("risk_veto", bar=i, action=ACTION_NAMES[decision.action], vetoes=vtxt)
         stats.latencies_ns.append(latency_ns)
+        if self.advisor is not None:
+            stats.llm_busy.append(llm_busy)  # aligned with latencies_ns
         stats.ts_ns.append(bar.ts_ns)
         equity = pf.balance_usd + pf.unrealized_usd
         stats.equity.append(equity)
@@ -414,6 +417,15 @@ class Engine:
             self._flush_controls()
 
     # -- recovery -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _redrive_mode(self, fills: list[tuple[Fill, float | None]] | None = None) -> Iterator[None]:
+        """Nothing journaled, no advisor; with ``fills`` the broker is not called at all."""
+        self._redriving, self._given_fills = True, fills
+        try:
+            yield
+        finally:
+            self._redriving, self._given_fills = False, None
+
     async def redrive(
         self,
         bar: Bar | None,
@@ -426,9 +438,7 @@ class Engine:
         is journaled. ``fills``: a live run's journaled fills for this bar with the stop each left
         working, applied instead of asking the broker (which is not called at all); None = the
         broker (paper) simulates them again. Returns False for a rejected bar."""
-        self._redriving = True
-        self._given_fills = fills
-        try:
+        with self._redrive_mode(fills):
             if bar is None:
                 self._reject(None, row, "bad_timestamp")
                 return False
@@ -437,42 +447,26 @@ class Engine:
                 return False
             await self._carry_out(o, self.planner.plan(verdict, o.snapshot, self.features.atr, o.bar_index))
             latency = time.perf_counter_ns() - o.t0_ns
-            decision = Decision(verdict.action, "redrive", verdict.action, 1.0, None, None, ("redrive",))
-            self._account_for(o.bar_index, bar, _ONE_HOT[verdict.action], decision, None, verdict, latency)
+            a = verdict.action
+            self._account_for(o.bar_index, bar, _ONE_HOT[a], _REDRIVE[a], None, verdict, latency, False)
             return True
-        finally:
-            self._redriving = False
-            self._given_fills = None
 
     def redrive_prime(self, bar: Bar) -> None:
-        self._redriving = True
-        try:
+        with self._redrive_mode():
             self.prime(bar)
-        finally:
-            self._redriving = False
 
     async def redrive_shutdown(self, between_bar_orders: Sequence[str]) -> None:
         """What a graceful stop did after its last bar (paper broker): entries cancelled, and the
         journaled between-bar flatten done again."""
-        self._redriving = True
-        try:
+        with self._redrive_mode():
             await self.broker.cancel_entries()
             for purpose in between_bar_orders:
                 await self.flatten_now(purpose)
-        finally:
-            self._redriving = False
 
     def redrive_fills(self, fills: list[tuple[Fill, float | None]]) -> None:
         """Apply journaled fills that arrived after the last bar (recovery of a live run)."""
-        self._redriving = True
-        try:
+        with self._redrive_mode():
             self._apply_given(fills)
-        finally:
-            self._redriving = False
-
-    @property
-    def redriving(self) -> bool:
-        return self._redriving
 
     # -- between bars -------------------------------------------------------------------------------
     def apply_broker_events(self) -> None:

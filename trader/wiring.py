@@ -128,9 +128,10 @@ def _open_journal(
     return journal
 
 
-def _engine(
+def _assemble(
     settings: Settings,
     *,
+    mode: str,
     feed: Feed,
     broker: Broker,
     policy: Policy,
@@ -139,12 +140,18 @@ def _engine(
     run_id: str,
     advisor_timing: str,
     journal_bars: bool,
-    controls: Controls,
-) -> Engine:
+    recorded: RecordedBars | None,
+) -> Run:
+    """The engine and its run from built parts; the journal is closed if this fails."""
     clock: SessionClock = features.clock  # type: ignore[attr-defined]
-    parts = decision_parts(settings, clock)
-    advisor = build_advisor(settings, journal, run_id, clock, advisor_timing)
-    return Engine(
+    controls = Controls(settings.risk.kill_switch)
+    try:
+        parts = decision_parts(settings, clock)
+        advisor = build_advisor(settings, journal, run_id, clock, advisor_timing)
+    except BaseException:
+        journal.close()
+        raise
+    engine = Engine(
         settings,
         feed=feed,
         broker=broker,
@@ -160,6 +167,8 @@ def _engine(
         adopt_broker_state=settings.tradovate.adopt_broker_state,
         real_broker=broker.name != "paper",
     )
+    structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode=mode)
+    return Run(engine, journal, run_id, mode, controls, recorded)
 
 
 def build_replay(
@@ -180,24 +189,19 @@ def build_replay(
     journal = _open_journal(
         settings, journal_path, run_id, resume, mode, features.layout.hash, recorded.files
     )
-    controls = Controls(settings.risk.kill_switch)
-    try:
-        engine = _engine(
-            settings,
-            feed=ReplayFeed(recorded, settings.data.speed),
-            broker=PaperBroker(settings),
-            policy=policy,
-            features=features,
-            journal=journal,
-            run_id=run_id,
-            advisor_timing=advisor_timing,
-            journal_bars=False,
-            controls=controls,
-        )
-    except BaseException:
-        journal.close()
-        raise
-    structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode=mode)
+    run = _assemble(
+        settings,
+        mode=mode,
+        feed=ReplayFeed(recorded, settings.data.speed),
+        broker=PaperBroker(settings),
+        policy=policy,
+        features=features,
+        journal=journal,
+        run_id=run_id,
+        advisor_timing=advisor_timing,
+        journal_bars=False,
+        recorded=recorded,
+    )
     log.info(
         "replay_ready",
         bars=len(recorded),
@@ -205,7 +209,7 @@ def build_replay(
         layout_hash=features.layout.hash,
         policy=str(settings.policy.path),
     )
-    return Run(engine, journal, run_id, mode, controls, recorded)
+    return run
 
 
 def build_live(
@@ -236,26 +240,21 @@ def build_live(
     else:
         broker = PaperBroker(settings)
     journal = _open_journal(settings, journal_path, run_id, resume, mode, features.layout.hash, (source,))
-    controls = Controls(settings.risk.kill_switch)
-    try:
-        engine = _engine(
-            settings,
-            feed=TradovateFeed(settings, rest),
-            broker=broker,
-            policy=policy,
-            features=features,
-            journal=journal,
-            run_id=run_id,
-            advisor_timing="wall",
-            journal_bars=True,
-            controls=controls,
-        )
-    except BaseException:
-        journal.close()
-        raise
-    structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode=mode)
+    run = _assemble(
+        settings,
+        mode=mode,
+        feed=TradovateFeed(settings, rest),
+        broker=broker,
+        policy=policy,
+        features=features,
+        journal=journal,
+        run_id=run_id,
+        advisor_timing="wall",
+        journal_bars=True,
+        recorded=None,
+    )
     log.info("live_ready", source=source, layout_hash=features.layout.hash, broker=broker.name)
-    return Run(engine, journal, run_id, mode, controls, None)
+    return run
 
 
 async def open_service_run(settings: Settings, mode: str, journal_path: Path, fresh: bool) -> Run:
