@@ -17,11 +17,32 @@ Protocol as documented (partner.tradovate.com, tradovate/example-api-js):
   downVolume, ...}]}]}, the history ending with {"id":historicalId,"eoh":true}.
 - user/syncrequest {users|accounts, splitResponses, entityTypes} → the current entities, then
   "props" events {entityType, eventType: Created|Updated|Deleted, entity}.
+
+The real servers' shapes and limits, which a client must survive (issue 14):
+- a successful order result may carry ``failureReason: "Success"`` (the spec's enum has it) or no
+  failureReason at all: both shapes are sent, alternately;
+- a props event's ``entity`` is an object or an array of objects (both are sent; the fills of a
+  split market order arrive as one array);
+- a penalty on ``auth/accesstokenrequest`` always needs a captcha (``p-captcha: true``); time
+  penalties on other endpoints do not;
+- HTTP 429 / WebSocket ``s: 429`` lock the user out for ``lockout_s`` (an hour on the real
+  servers, scaled down here): every request answers 429 until it ends; HTTP 423 warns first
+  when the request budget (``hour_limit`` per ``hour_s``) is nearly spent;
+- at most two sessions per user: a third access token request closes the oldest (its tokens
+  stop working, its sockets get a ``c`` close frame); renewal keeps the session;
+- orders carry ``timeInForce``; one without it is a Day order (the default is not documented, so
+  the pessimistic reading), and :meth:`FakeTradovate.session_end` expires every Day order;
+- a working stop is an order like any other: it stays working when the position goes flat and
+  fills its full quantity when touched, whatever the position;
+- ``md/getChart`` can fail (``faults.chart_errors``), the server can send a ``shutdown`` event
+  and a ``c`` frame (:meth:`FakeTradovate.shutdown`), and a fill can be busted (``active:
+  false``, :meth:`FakeTradovate.bust_fill`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import threading
@@ -35,6 +56,8 @@ from aiohttp import WSMsgType, web
 
 from trader.adapters.tradovate.protocol import FrameError, iso_to_ns, ns_to_iso, parse_request
 from trader.domain import Bar
+
+_THROTTLE_TEXT = {429: "Too Many Requests", 423: "Locked: request budget nearly spent"}
 
 USER = "trader-test"
 PASSWORD = "pw-SECRET-7f3a"
@@ -62,6 +85,8 @@ class Faults:
     out_of_order: int = 0  # next N steps also send an old bar
     response_delay_s: float = 0.0
     refuse_ws: set[str] = field(default_factory=set)  # "md"/"user": connections refused (503)
+    chart_errors: int = 0  # next N md/getChart requests fail (s: 400)
+    ws_429: dict[str, int] = field(default_factory=dict)  # ws endpoint → next N answer s: 429
 
 
 class FakeTradovate:
@@ -76,6 +101,10 @@ class FakeTradovate:
         client_timeout_s: float = 3.0,
         token_ttl_s: float = 4800.0,
         slow_s: float = 3.0,
+        lockout_s: float = 2.0,
+        hour_limit: int = 100_000,
+        hour_s: float = 3600.0,
+        max_sessions: int = 2,
     ) -> None:
         self.bars = list(bars)
         self.k = start_index  # index of the forming bar
@@ -83,7 +112,20 @@ class FakeTradovate:
         self.heartbeat_s, self.client_timeout_s = heartbeat_s, client_timeout_s
         self.token_ttl_s, self.slow_s = token_ttl_s, slow_s
         self.faults = Faults()
+        self.lockout_s, self.hour_limit, self.hour_s = lockout_s, hour_limit, hour_s
+        self.max_sessions = max_sessions
+        self.locked_until = 0.0  # a 429 lockout lasts until then (monotonic)
+        self.lockouts = 0
+        self.requests_in_lockout = 0
+        self.warnings_423 = 0
+        self.request_times: list[float] = []  # every request (REST and WebSocket), for the budget
         self.tokens: dict[str, float] = {}
+        self.token_session: dict[str, int] = {}  # token → session id
+        self.sessions: list[int] = []  # open sessions, oldest first
+        self.sessions_closed = 0
+        self.socket_session: dict[web.WebSocketResponse, int] = {}
+        self._success_shape = itertools.cycle((True, False))  # failureReason "Success" or absent
+        self._array_shape = itertools.cycle((False, True))  # props entity: object or array
         self.token_requests = 0
         self.renewals = 0
         self.requests: list[tuple[str, str, Any]] = []  # (method, path, body) every REST call
@@ -105,6 +147,7 @@ class FakeTradovate:
         self._dup_pending: Bar | None = None
         self.silent: set[web.WebSocketResponse] = set()  # md connections that went silent
         self._outbox: dict[web.WebSocketResponse, asyncio.Queue[str]] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -216,10 +259,14 @@ class FakeTradovate:
             return web.Response(status=503, text="Service Unavailable")
         if f.http_429.get(path, 0) > 0:
             f.http_429[path] -= 1
-            return web.Response(status=429)
+            self._lock_out()
+        throttled = self._throttle()
+        if throttled is not None:
+            return web.Response(status=throttled, text=_THROTTLE_TEXT[throttled])
         if path == "/auth/accesstokenrequest":
             return self._json(self._token_request(body or {}))
-        if not self._authorized(req.headers.get("Authorization", "")):
+        token = req.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not self._authorized(token):
             return web.Response(status=401, text="Access is denied")
         if f.penalties.get(path, 0) > 0 and not (body or {}).get("p-ticket"):
             f.penalties[path] -= 1
@@ -230,7 +277,7 @@ class FakeTradovate:
             self._tickets.discard(body["p-ticket"])
         if path == "/auth/renewaccesstoken":
             self.renewals += 1
-            return self._json(self._new_token())
+            return self._json(self._new_token(self.token_session[token]))
         handler = {
             "/account/list": lambda b: [self._account()],
             "/position/list": lambda b: [self._position()],
@@ -238,6 +285,7 @@ class FakeTradovate:
             "/fill/list": lambda b: list(self.fills),
             "/command/list": lambda b: list(self.commands),
             "/contract/find": lambda b: self._contract(req.query.get("name", "")),
+            "/order/item": lambda b: self.orders.get(int(req.query.get("id", "0"))),
             "/order/placeorder": self._place_order,
             "/order/placeoso": self._place_oso,
             "/order/modifyorder": self._modify,
@@ -256,17 +304,117 @@ class FakeTradovate:
     def _json(data: Any) -> web.Response:
         return web.Response(text=json.dumps(data), content_type="application/json")
 
-    def _ticket(self) -> dict[str, Any]:
+    def _ticket(self, captcha: bool = False) -> dict[str, Any]:
         t = f"ticket-{next(self._ids)}"
         self._tickets.add(t)
-        return {"p-ticket": t, "p-time": 1, "p-captcha": False}
+        return {"p-ticket": t, "p-time": 1, "p-captcha": captcha}
+
+    # -- limits -------------------------------------------------------------------------------------
+    def _lock_out(self) -> None:
+        if time.monotonic() >= self.locked_until:
+            self.lockouts += 1
+        self.locked_until = time.monotonic() + self.lockout_s
+
+    def _throttle(self) -> int | None:
+        """429 while locked out; the request budget spent starts a lockout; 423 warns first."""
+        now = time.monotonic()
+        if now < self.locked_until:
+            # knocking during a lockout extends it ("repeated violations may extend the wait")
+            self.requests_in_lockout += 1
+            self.locked_until = now + self.lockout_s
+            return 429
+        self.request_times = [t for t in self.request_times if now - t < self.hour_s]
+        self.request_times.append(now)
+        n = len(self.request_times)
+        if n > self.hour_limit:
+            self._lock_out()
+            return 429
+        if n > 0.9 * self.hour_limit:
+            self.warnings_423 += 1
+            return 423
+        return None
+
+    def locked_out(self) -> bool:
+        return time.monotonic() < self.locked_until
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def _open_session(self) -> int:
+        sid = next(self._ids)
+        self.sessions.append(sid)
+        while len(self.sessions) > self.max_sessions:
+            self._close_session(self.sessions[0], "Session closed: a newer session was opened")
+        return sid
+
+    def _close_session(self, sid: int, reason: str) -> None:
+        if sid in self.sessions:
+            self.sessions.remove(sid)
+        self.sessions_closed += 1
+        for tok, s in list(self.token_session.items()):
+            if s == sid:
+                self.tokens.pop(tok, None)
+        for ws, s in list(self.socket_session.items()):
+            if s == sid and not ws.closed:
+                task = asyncio.ensure_future(self._close_ws(ws, 1000, reason))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _close_ws(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_str("c" + json.dumps([code, reason]))
+            await ws.close(code=code, message=reason.encode())
+
+    def external_login(self) -> None:
+        """Someone logs in as this user elsewhere (another app, the web trader): a new session,
+        which closes the oldest one when the limit is reached."""
+        self.call(self._open_session)
+
+    def session_end(self) -> list[int]:
+        """The trading session closes: every Day order expires. Returns the expired ids."""
+
+        def expire() -> list[int]:
+            out = []
+            for o in self.orders.values():
+                if o["ordStatus"] in ("Working", "Suspended") and self.versions[o["id"]]["tif"] == "Day":
+                    self._status(o, "Expired")
+                    out.append(o["id"])
+            return out
+
+        return self.call(expire)
+
+    def shutdown(self, kind: str, reason: str = "Server maintenance") -> None:
+        """The server announces a shutdown on every socket of ``kind`` and closes them."""
+
+        async def go() -> None:
+            socks = self.md_sockets if kind == "md" else self.user_sockets
+            for ws in list(socks):
+                shutdown = {"e": "shutdown", "d": {"reasonCode": "Maintenance", "reason": reason}}
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_str("a" + json.dumps([shutdown]))
+                await self._close_ws(ws, 1001, reason)
+
+        self.call(go)
+
+    def bust_fill(self, fill_id: int) -> None:
+        """The exchange busts a trade: the fill becomes inactive and the position is undone."""
+
+        def bust() -> None:
+            f = next(x for x in self.fills if x["id"] == fill_id)
+            f["active"] = False
+            side = 1 if f["action"] == "Buy" else -1
+            self.net_pos -= side * f["qty"]
+            if self.net_pos == 0:
+                self.net_price = 0.0
+            self._emit("fill", "Updated", f)
+            self._emit("position", "Updated", self._position())
+
+        self.call(bust)
 
     def _token_request(self, b: dict[str, Any]) -> dict[str, Any]:
         self.token_requests += 1
         f = self.faults
         if f.auth_penalties > 0 and not b.get("p-ticket"):
             f.auth_penalties -= 1
-            return self._ticket()
+            return self._ticket(captcha=True)  # a token penalty always asks for a captcha
         if b.get("p-ticket"):
             if b["p-ticket"] not in self._tickets:
                 return {"errorText": "invalid p-ticket"}
@@ -276,12 +424,13 @@ class FakeTradovate:
         for k in ("appId", "appVersion", "deviceId"):
             if not b.get(k):
                 return {"errorText": f"{k} is required"}
-        return self._new_token()
+        return self._new_token(self._open_session())
 
-    def _new_token(self) -> dict[str, Any]:
+    def _new_token(self, session: int) -> dict[str, Any]:
         tok = f"tok-{next(self._ids)}"
         exp = time.time() + self.token_ttl_s
         self.tokens[tok] = exp
+        self.token_session[tok] = session
         iso = datetime.fromtimestamp(exp, UTC).isoformat().replace("+00:00", "Z")
         return {
             "accessToken": tok,
@@ -293,8 +442,7 @@ class FakeTradovate:
             "hasLive": False,
         }
 
-    def _authorized(self, header: str) -> bool:
-        tok = header.removeprefix("Bearer ").strip()
+    def _authorized(self, tok: str) -> bool:
         return self.tokens.get(tok, 0) > time.time()
 
     def _account(self) -> dict[str, Any]:
@@ -341,6 +489,7 @@ class FakeTradovate:
             "orderQty": int(b.get("orderQty", 1)),
             "orderType": b["orderType"],
             "stopPrice": b.get("stopPrice"),
+            "tif": b.get("timeInForce") or "Day",  # the server default is not documented: Day
         }
         cmd = {
             "id": next(self._ids),
@@ -380,7 +529,12 @@ class FakeTradovate:
         self._status(o, "Working")
         if b["orderType"] == "Market":
             self._fill_market(o)
-        return {"orderId": o["id"]}
+        return self._ok({"orderId": o["id"]})
+
+    def _ok(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A successful result in one of its documented shapes (with failureReason "Success" or
+        without a failureReason)."""
+        return {**result, "failureReason": "Success"} if next(self._success_shape) else result
 
     def _place_oso(self, b: dict[str, Any]) -> dict[str, Any]:
         bad = self._check_new(b)
@@ -394,7 +548,7 @@ class FakeTradovate:
         self._status(o, "Working")
         if b["orderType"] == "Market":
             self._fill_market(o)
-        return {"orderId": o["id"], "oso1Id": child["id"]}
+        return self._ok({"orderId": o["id"], "oso1Id": child["id"]})
 
     def _fill_market(self, o: dict[str, Any]) -> None:
         qty = self.versions[o["id"]]["orderQty"]
@@ -404,16 +558,16 @@ class FakeTradovate:
         if self.faults.partial_fills > 0 and qty > 1:
             self.faults.partial_fills -= 1
             parts = [qty // 2, qty - qty // 2]
-        for q in parts:
-            if q:
-                self._fill(o, q, price)
+        fills = [self._fill(o, q, price, emit=False) for q in parts if q]
+        self._emit_many("fill", "Created", fills)  # one event, an array when split
+        self._emit("position", "Updated", self._position())
         self._status(o, "Filled")
         for child in self.orders.values():
             if child.get("parentId") == o["id"] and child["ordStatus"] == "Suspended":
                 self.versions[child["id"]]["orderQty"] = qty
                 self._status(child, "Working")
 
-    def _fill(self, o: dict[str, Any], qty: int, price: float) -> None:
+    def _fill(self, o: dict[str, Any], qty: int, price: float, emit: bool = True) -> dict[str, Any]:
         side = 1 if o["action"] == "Buy" else -1
         f = {
             "id": next(self._ids),
@@ -435,16 +589,11 @@ class FakeTradovate:
         elif (new > 0) != (old > 0):
             self.net_price = price
         self.net_pos = new
-        self._emit("fill", "Created", f)
-        self._emit("position", "Updated", self._position())
-        if new == 0:  # a flat position cancels the working stops of the contract
-            for w in self.orders.values():
-                if (
-                    w is not o
-                    and w["ordStatus"] in ("Working", "Suspended")
-                    and self.versions[w["id"]]["orderType"] == "Stop"
-                ):
-                    self._status(w, "Canceled")
+        if emit:
+            self._emit("fill", "Created", f)
+            self._emit("position", "Updated", self._position())
+        # a working stop is an order like any other: a flat position does not cancel it
+        return f
 
     def _working(self, oid: Any) -> dict[str, Any] | None:
         o = self.orders.get(oid) if isinstance(oid, int) else None
@@ -458,6 +607,8 @@ class FakeTradovate:
         for k in ("orderQty", "orderType", "stopPrice"):
             if k in b:
                 v[k] = b[k]
+        if "timeInForce" in b:
+            v["tif"] = b["timeInForce"]
         cmd = {
             "id": next(self._ids),
             "orderId": o["id"],
@@ -466,7 +617,7 @@ class FakeTradovate:
         }
         self.commands.append(cmd)
         self._emit("order", "Updated", o)
-        return {"commandId": cmd["id"]}
+        return self._ok({"commandId": cmd["id"]})
 
     def _cancel(self, b: dict[str, Any]) -> dict[str, Any]:
         o = self._working(b.get("orderId"))
@@ -475,14 +626,21 @@ class FakeTradovate:
         self._status(o, "Canceled")
         cmd = {"id": next(self._ids), "orderId": o["id"], "commandType": "Cancel"}
         self.commands.append(cmd)
-        return {"commandId": cmd["id"]}
+        return self._ok({"commandId": cmd["id"]})
 
     def _liquidate(self, b: dict[str, Any]) -> dict[str, Any]:
+        if b.get("accountId") != ACCOUNT_ID or b.get("contractId") != CONTRACT_ID:
+            return {"failureReason": "UnknownReason", "failureText": "unknown account or contract"}
+        if b.get("isAutomated") is not True:
+            return {"failureReason": "UnknownReason", "failureText": "isAutomated must be true"}
+        if self.faults.reject_orders > 0:
+            self.faults.reject_orders -= 1
+            return {"failureReason": "TradingLocked", "failureText": "Trading is locked"}
         for w in list(self.orders.values()):
             if w["ordStatus"] in ("Working", "Suspended"):
                 self._status(w, "Canceled")
         if self.net_pos == 0:
-            return {"orderId": None}
+            return self._ok({})
         o = self._new_order(
             {
                 "action": "Sell" if self.net_pos > 0 else "Buy",
@@ -492,9 +650,19 @@ class FakeTradovate:
         )
         self._status(o, "Working")
         self._fill_market(o)
-        return {"orderId": o["id"]}
+        return self._ok({"orderId": o["id"]})
 
     def _emit(self, entity_type: str, event: str, entity: dict[str, Any]) -> None:
+        """One entity; sent as an object or as a one-element array (both shapes occur)."""
+        self._send_props(entity_type, event, [entity] if next(self._array_shape) else entity)
+
+    def _emit_many(self, entity_type: str, event: str, entities: list[dict[str, Any]]) -> None:
+        if len(entities) == 1:
+            self._emit(entity_type, event, entities[0])
+        elif entities:
+            self._send_props(entity_type, event, entities)
+
+    def _send_props(self, entity_type: str, event: str, entity: Any) -> None:
         msg = "a" + json.dumps(
             [{"e": "props", "d": {"entityType": entity_type, "eventType": event, "entity": entity}}]
         )
@@ -590,11 +758,12 @@ class FakeTradovate:
             if v["orderType"] != "Stop" or v.get("stopPrice") is None:
                 continue
             stop = float(v["stopPrice"])
-            if o["action"] == "Sell" and raw["low"] <= stop and self.net_pos > 0:
-                self._fill(o, min(v["orderQty"], self.net_pos), min(stop, raw["close"]))
+            # a touched stop fills its whole quantity whatever the position (it can open one)
+            if o["action"] == "Sell" and raw["low"] <= stop:
+                self._fill(o, v["orderQty"], min(stop, raw["close"]))
                 self._status(o, "Filled")
-            elif o["action"] == "Buy" and raw["high"] >= stop and self.net_pos < 0:
-                self._fill(o, min(v["orderQty"], -self.net_pos), max(stop, raw["close"]))
+            elif o["action"] == "Buy" and raw["high"] >= stop:
+                self._fill(o, v["orderQty"], max(stop, raw["close"]))
                 self._status(o, "Filled")
 
     # -- WebSocket ----------------------------------------------------------------------------------
@@ -645,11 +814,23 @@ class FakeTradovate:
                     await ws.send_str("a" + json.dumps([{"s": 400, "i": None, "d": str(exc)}]))
                     continue
                 self.ws_requests.append((kind, endpoint))
+                throttled = self._throttle()
+                if throttled is None and self.faults.ws_429.get(endpoint, 0) > 0:
+                    self.faults.ws_429[endpoint] -= 1
+                    self._lock_out()
+                    throttled = 429
+                if throttled is not None:
+                    text = _THROTTLE_TEXT[throttled]
+                    await ws.send_str("a" + json.dumps([{"i": rid, "s": throttled, "d": text}]))
+                    continue
                 if endpoint == "authorize":
-                    authorized = self.tokens.get(body.strip(), 0) > time.time()
+                    tok = body.strip()
+                    authorized = self.tokens.get(tok, 0) > time.time()
                     status = 200 if authorized else 401
                     resp: dict[str, Any] = {"i": rid, "s": status}
-                    if not authorized:
+                    if authorized:
+                        self.socket_session[ws] = self.token_session[tok]
+                    else:
                         resp["d"] = "Invalid access token"
                     await ws.send_str("a" + json.dumps([resp]))
                     continue
@@ -664,12 +845,18 @@ class FakeTradovate:
             self.md_sockets.discard(ws)
             self.user_sockets.discard(ws)
             self._md_subs.pop(ws, None)
+            self.socket_session.pop(ws, None)
         return ws
 
     async def _ws_request(
         self, ws: web.WebSocketResponse, kind: str, endpoint: str, rid: int, b: Any
     ) -> None:
         if kind == "md" and endpoint == "md/getChart":
+            if self.faults.chart_errors > 0:
+                self.faults.chart_errors -= 1
+                err = {"s": 400, "i": rid, "d": f"Unknown symbol {b.get('symbol')!r}"}
+                await ws.send_str("a" + json.dumps([err]))
+                return
             hid, rtid = next(self._ids), next(self._ids)
             await ws.send_str(
                 "a" + json.dumps([{"s": 200, "i": rid, "d": {"historicalId": hid, "realtimeId": rtid}}])

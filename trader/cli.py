@@ -1,4 +1,5 @@
-"""Command line: ``trader replay | check-config | features | bench``.
+"""Command line: ``trader replay | run | record | check-config | tradovate-check | features |
+llm-dataset | bench``.
 
 Exit codes: 0 ok, 1 run failed, 2 bad configuration, data or policy (message on stderr).
 """
@@ -186,6 +187,15 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tradovate_check(args: argparse.Namespace) -> int:
+    from trader.adapters.tradovate.check import run_check
+    from trader.logs import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.logging)
+    return run_loop(run_check(settings, sys.stdout, args.seconds, args.place_test_order))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     sys.stdout.write(effective_config_toml(settings))
@@ -311,6 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate and print the effective configuration")
     common(p)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "tradovate-check",
+        help="check credentials, account, contract, sockets and chart data against Tradovate "
+        "(demo); credentials from the environment only",
+    )
+    common(p)
+    p.add_argument("--seconds", type=float, default=60.0, help="how long to watch chart data (default 60)")
+    p.add_argument(
+        "--place-test-order",
+        action="store_true",
+        help="also place a Day limit buy far below the market (isAutomated) and cancel it (demo only)",
+    )
+    p.set_defaults(func=cmd_tradovate_check)
 
     p = sub.add_parser("features", help="write the per-bar observation with named columns")
     common(p)

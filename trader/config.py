@@ -346,8 +346,19 @@ class TradovateConfig(Section):
     reconnect_initial_s: Positive = 0.5  # first reconnect wait; doubles, with jitter ...
     reconnect_max_s: Positive = 30.0  # ... up to this
     history_bars: Annotated[int, Field(ge=1, le=20000)] = 1200  # bars fetched at start (warm-up)
-    max_requests_per_s: Positive = 20.0  # client-side cap on REST calls
-    order_retry_s: Positive = 10.0  # give up re-sending one order request after this long
+    # Client-side request limits (REST and WebSocket requests together). Tradovate documents
+    # 5,000 requests an hour per user; a 429 then locks the user out for about an hour.
+    max_requests_per_s: Annotated[float, Field(gt=0, le=50, allow_inf_nan=False)] = 5.0
+    max_requests_per_hour: Annotated[int, Field(ge=10, le=5000)] = 4000
+    lockout_s: Positive = 3600.0  # after HTTP 429 or a captcha penalty: no request for this long
+    warning_backoff_s: Positive = 60.0  # after HTTP 423 (the warning before a lockout)
+    # Access token requests: each one opens a session (2 at most; a third closes the oldest) and
+    # Tradovate rate-limits them; renewal is used instead, a new request only when it fails.
+    token_request_spacing_s: Positive = 15.0
+    max_token_requests_per_hour: Annotated[int, Field(ge=1, le=10)] = 5
+    stop_time_in_force: Literal["GTC", "Day"] = "GTC"  # protective stops (a Day stop expires)
+    chart_error_limit: Annotated[int, Field(ge=1, le=100)] = 5  # md/getChart refusals in a row
+    order_retry_s: Positive = 10.0  # give up sending one entry or exit after this long
     adopt_broker_state: bool = False  # at a reconcile mismatch: adopt the broker's (True) or halt
 
 

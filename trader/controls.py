@@ -1,5 +1,5 @@
 """Operator and safety state in one object: halt, resume, flatten, kill switch, stopping, stale
-data, broker reconcile mismatch, journal loss.
+data, broker reconcile mismatch, a broker that cannot take orders (lockout), journal loss.
 
 The service and the HTTP API change it (every change is journaled by the caller with the bar it
 takes effect on); the engine asks it for the :class:`~trader.decision.risk.RiskContext` of each
@@ -35,6 +35,7 @@ class Controls:
         self.stopping = False
         self.stale = False
         self.reconcile_mismatch = ""
+        self.broker_blocked = ""  # the broker cannot take orders now (a lockout); ends by itself
         self.journal_problem = ""
         self._key: tuple[object, ...] = ()
         self._halt = (False, "")
@@ -81,6 +82,9 @@ class Controls:
     def set_mismatch(self, text: str) -> None:
         self.reconcile_mismatch = text
 
+    def set_broker_blocked(self, reason: str) -> None:
+        self.broker_blocked = reason
+
     def journal_lost(self, problem: str) -> None:
         self.journal_problem = problem
 
@@ -105,6 +109,8 @@ class Controls:
             out.append("stale data")
         if self.reconcile_mismatch:
             out.append(self.reconcile_mismatch)
+        if self.broker_blocked:
+            out.append(self.broker_blocked)
         if self.journal_problem:
             out.append(f"journal lost: {self.journal_problem}")
         if self.stopping:
@@ -120,6 +126,7 @@ class Controls:
             self.operator_halt,
             self.stale,
             self.reconcile_mismatch,
+            self.broker_blocked,
             self.journal_problem,
             self.stopping,
         )
@@ -139,6 +146,7 @@ class Controls:
             "flatten_requested": bool(self.flatten_request),
             "stale_data": self.stale,
             "reconcile_mismatch": self.reconcile_mismatch or None,
+            "broker_blocked": self.broker_blocked or None,
             "journal_problem": self.journal_problem or None,
             "stopping": self.stopping,
             "entries_halted_by": self.halt_reasons(),

@@ -275,7 +275,16 @@ class ReconcileReport:
     unknown_orders: tuple[int, ...]  # working orders at the broker that no run of ours placed
 
 
-BrokerEvent = Fill | OrderRejected | BrokerProblem | ReconcileReport
+@dataclass(frozen=True, slots=True)
+class BrokerBlocked:
+    """The broker cannot take new orders for a while (a rate-limit lockout, a captcha penalty, the
+    request budget nearly spent): entries halt while ``reason`` is set, working stops stay at the
+    broker, and an event with ``reason = ""`` ends it."""
+
+    reason: str
+
+
+BrokerEvent = Fill | OrderRejected | BrokerProblem | ReconcileReport | BrokerBlocked
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +295,7 @@ class ComponentHealth:
     connected: bool
     disconnected_s: float = 0.0  # how long it has been down (0 while connected)
     counters: tuple[tuple[str, int], ...] = ()
+    degraded: str = ""  # up, but limited (a lockout, a penalty): /healthz says so, the watchdog not
 
 
 @dataclass(frozen=True, slots=True)

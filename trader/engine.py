@@ -28,6 +28,7 @@ from trader.domain import (
     Advice,
     Bar,
     BatchKind,
+    BrokerBlocked,
     BrokerEvent,
     BrokerProblem,
     Decision,
@@ -577,6 +578,8 @@ class Engine:
             elif isinstance(e, BrokerProblem):
                 self.controls.set_mismatch(e.text)
                 log.error("broker_problem_entries_halted", problem=e.text)
+            elif isinstance(e, BrokerBlocked):
+                self.controls.set_broker_blocked(e.reason)
 
     def _reconciled(self, r: ReconcileReport) -> None:
         pf = self.portfolio

@@ -140,7 +140,7 @@ def test_live_mode_routes_orders_survives_drops_and_never_logs_credentials(tmp_p
         )
         con.close()
         sent = [c["clOrdId"] for c in fake.commands if c.get("clOrdId")]
-        entries = [c for c in sent if not c.endswith("-stop")]
+        entries = [c for c in sent if "-stop" not in c]  # protective stops are the broker's
         assert entries, "no orders reached the broker"
         assert len(entries) == len(set(entries))  # no client id placed twice
         assert set(entries) <= orders  # every order at the broker is journaled
@@ -307,3 +307,56 @@ def test_a_restart_on_the_live_feed_continues_the_account_and_an_operator_halt(t
         # exited 2 and /state would never have answered)
     finally:
         fake.stop()
+
+
+def _check(cfg: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"TRADER_TRADOVATE__PASSWORD": PASSWORD, "TRADER_TRADOVATE__SEC": SEC} | (env or {})
+    cmd = [sys.executable, "-m", "trader", "tradovate-check", "--config", str(cfg), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_tradovate_check_runs_every_stage_and_places_and_cancels_a_test_order(tmp_path):
+    fake = FakeTradovate(BARS, START, step_s=0.1).start()
+    try:
+        cfg = write_config(tmp_path, fake)
+        r = _check(cfg, "--seconds", "1", "--place-test-order")
+        assert r.returncode == 0, r.stdout + r.stderr
+        for stage in ("auth", "renew", "accounts", "contract", "user-socket", "chart", "test-order"):
+            assert f"PASS {stage}:" in r.stdout
+        assert "7/7 stages passed" in r.stdout
+        assert '"accessToken": "***"' in r.stdout  # raw responses printed, secrets masked
+        for secret in (PASSWORD, SEC, *fake.tokens):
+            assert secret not in r.stdout + r.stderr
+        (body,) = fake.placed("/order/placeorder")
+        assert body["isAutomated"] is True and body["orderType"] == "Limit" and body["timeInForce"] == "Day"
+        assert body["price"] < fake.price * 0.6  # far from the market
+        (order,) = fake.orders.values()
+        assert order["ordStatus"] == "Canceled" and fake.net_pos == 0 and not fake.fills
+    finally:
+        fake.stop()
+
+
+def test_tradovate_check_reports_a_failing_stage_and_exits_1(tmp_path):
+    fake = FakeTradovate(BARS, START, step_s=0.1).start()
+    try:
+        cfg = write_config(tmp_path, fake)
+        fake.faults.chart_errors = 10
+        r = _check(cfg, "--seconds", "0.5")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "PASS accounts:" in r.stdout and "FAIL chart:" in r.stdout and "Unknown symbol" in r.stdout
+        assert "5/6 stages passed" in r.stdout
+    finally:
+        fake.stop()
+
+
+def test_tradovate_check_exits_2_when_the_servers_cannot_be_reached_or_live_is_asked(tmp_path):
+    fake = FakeTradovate(BARS, START).start()
+    cfg = write_config(tmp_path, fake)
+    fake.stop()  # nothing listens there any more
+    r = _check(cfg, "--seconds", "0.5")
+    assert r.returncode == 2 and "cannot reach the Tradovate servers" in r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    r = _check(cfg, "--place-test-order", env={"TRADER_TRADOVATE__ENVIRONMENT": "live"})
+    assert r.returncode == 2 and "only runs on tradovate.environment = demo" in r.stderr
+    r = _check(cfg, env={"TRADER_TRADOVATE__PASSWORD": ""})
+    assert r.returncode == 2 and "TRADER_TRADOVATE__PASSWORD" in r.stderr

@@ -12,11 +12,21 @@ import pytest
 
 from tests.tradovate_server import PASSWORD, SEC, SYMBOL, FakeTradovate, shared_bars
 from trader.adapters.tradovate.broker import TradovateBroker
-from trader.adapters.tradovate.feed import BarAssembler, TradovateFeed
+from trader.adapters.tradovate.feed import BarAssembler, ChartRefused, TradovateFeed
 from trader.adapters.tradovate.protocol import ns_to_iso
-from trader.adapters.tradovate.rest import AuthError, TradovateRest
+from trader.adapters.tradovate.rest import AuthError, PenaltyError, RateLimited, RequestGate, TradovateRest
 from trader.config import load_settings
-from trader.domain import Bar, Fill, OrderIntent, OrderKind, OrderRejected, ReconcileReport, Side
+from trader.domain import (
+    Bar,
+    BrokerBlocked,
+    BrokerProblem,
+    Fill,
+    OrderIntent,
+    OrderKind,
+    OrderRejected,
+    ReconcileReport,
+    Side,
+)
 from trader.execution import reconcile
 
 BARS = shared_bars()
@@ -63,21 +73,44 @@ def assert_continuous(bars: list[Bar]) -> None:
 # -- auth ----------------------------------------------------------------------------------------------
 
 
-def test_access_token_penalty_is_waited_out_and_answered_with_the_ticket(fake):
-    fake.faults.auth_penalties = 1
+def test_a_time_penalty_is_waited_out_and_answered_with_the_ticket(fake):
+    fake.faults.penalties["/account/list"] = 1
     rest = TradovateRest(settings(fake).tradovate)
 
-    async def go() -> None:
+    async def go() -> Any:
         await rest.start()
-        await rest.close()
+        try:
+            return await rest.get("/account/list")
+        finally:
+            await rest.close()
 
     t0 = time.monotonic()
-    asyncio.run(go())
-    assert rest.token is not None and rest.penalties == 1
+    accounts = asyncio.run(go())
+    assert accounts[0]["name"] == "DEMO1001" and rest.penalties == 1
     assert time.monotonic() - t0 >= 1.0  # p-time honoured
-    bodies = fake.placed("/auth/accesstokenrequest")
-    assert len(bodies) == 2 and "p-ticket" not in bodies[0] and bodies[1]["p-ticket"].startswith("ticket-")
-    assert {k: v for k, v in bodies[1].items() if k != "p-ticket"} == bodies[0]  # identical body resent
+    tries = [b for m, p, b in fake.requests if p == "/account/list"]
+    assert len(tries) == 2 and tries[1]["p-ticket"].startswith("ticket-")
+
+
+def test_a_captcha_penalty_on_the_token_request_is_not_retried_and_locks_requests(fake):
+    """The real token penalty always needs a captcha: no program can answer it, and asking again
+    only extends it. The client stops, says so, and sends nothing until the lockout ends."""
+    fake.faults.auth_penalties = 1
+    rest = TradovateRest(settings(fake, lockout_s=30.0).tradovate)
+
+    async def go() -> str:
+        try:
+            with pytest.raises(PenaltyError, match="captcha"):
+                await rest.start()
+            with pytest.raises(RateLimited, match="locked out"):
+                await rest.get("/account/list")  # refused here, never sent
+            return rest.blocked()
+        finally:
+            await rest.close()
+
+    blocked = asyncio.run(go())
+    assert fake.token_requests == 1 and len(fake.requests) == 1
+    assert "lockout" in blocked and "captcha" in blocked
 
 
 def test_bad_credentials_fail_with_the_user_named_and_no_secret(fake):
@@ -269,8 +302,10 @@ def test_bracket_entry_fills_then_the_stop_is_moved_and_cancelled(fake):
         assert sid is not None and fake.orders[sid]["ordStatus"] == "Working"
         new = h.broker.working_stop + 2.0  # break-even / trailing
         await h.broker.set_stop(new)
+        assert await h.broker.settle(5)
         assert fake.versions[sid]["stopPrice"] == new and h.broker.working_stop == new
         await h.broker.set_stop(None)
+        assert await h.broker.settle(5)
         assert fake.orders[sid]["ordStatus"] == "Canceled" and h.broker.working_stop is None
 
     run_harness(h, body)
@@ -280,20 +315,15 @@ def test_bracket_entry_fills_then_the_stop_is_moved_and_cancelled(fake):
     assert h.broker.book.unexpected == 0
 
 
-@pytest.mark.parametrize(
-    "fault",
-    ["timeout_after_execute", "http_503", "penalty", "http_429"],
-)
+@pytest.mark.parametrize("fault", ["timeout_after_execute", "http_503", "penalty"])
 def test_a_retried_order_never_opens_a_second_position(fake, fault):
     path = "/order/placeoso"
     if fault == "timeout_after_execute":
         fake.faults.slow_after_execute[path] = 1  # executed, answered after the client gave up
     elif fault == "http_503":
         fake.faults.http_5xx[path] = 2
-    elif fault == "penalty":
-        fake.faults.penalties[path] = 1
     else:
-        fake.faults.http_429[path] = 1
+        fake.faults.penalties[path] = 1
     h = Harness(fake)
 
     async def body(h: Harness) -> None:
@@ -318,7 +348,7 @@ def test_rejected_order_is_counted_and_leaves_no_position(fake):
 
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-3-0"))
-        await asyncio.sleep(0.3)
+        assert await h.broker.settle(5)
 
     run_harness(h, body)
     assert h.broker.rejects == 1 and fake.net_pos == 0 and not h.drain()
@@ -344,10 +374,12 @@ def test_an_order_while_another_is_in_flight_is_not_sent(fake):
 
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-6-0"))
+        assert await h.broker.settle(5)
         # as if its fill had not arrived yet: a second entry now could double the position
         first = h.broker.book.orders[h.broker.book.by_client["run00001-6-0"]]
         first.filled, first.status = 0, "Working"
         await h.broker.submit(entry("run00001-7-0"))
+        assert await h.broker.settle(5)
 
     run_harness(h, body)
     sent = [c.get("clOrdId") for c in fake.commands]
@@ -438,3 +470,355 @@ def test_fills_missed_while_disconnected_are_picked_up_once_on_reconnect(fake):
     stops = [f for f in h.fills if f.purpose == "stop"]
     assert len(stops) == 1 and stops[0].price == 15990.0
     assert h.broker.reconnects == 1 and h.mismatch is None
+
+
+# -- the real servers' shapes and limits (issue 14) ----------------------------------------------------
+
+
+def working_stops(fake: FakeTradovate) -> list[dict[str, Any]]:
+    return [
+        o
+        for o in fake.orders.values()
+        if o["ordStatus"] in ("Working", "Suspended") and fake.versions[o["id"]]["orderType"] == "Stop"
+    ]
+
+
+def test_success_results_are_accepted_in_both_shapes_and_stop_updates_keep_one_stop(fake):
+    """A result with ``failureReason: "Success"`` is an accepted order: its bracket stop is tracked
+    and later stop updates modify that one stop (before: "refused", and each update placed a new
+    stop)."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        for n in range(3):  # the server alternates the two success shapes
+            await h.broker.submit(entry(f"run00001-{10 + n}-0"))
+            await h.pump(lambda: h.position == 1)
+            for k in range(3):
+                await h.broker.set_stop(h.broker.working_stop + 0.25 * (k + 1))
+                assert await h.broker.settle(5)
+                assert len(working_stops(fake)) == 1
+            await h.broker.submit(
+                OrderIntent(f"run00001-{10 + n}-1", Side.SELL, 1, OrderKind.MARKET, "exit:signal")
+            )
+            await h.pump(lambda: h.position == 0)
+            assert await h.broker.settle(5)
+
+    run_harness(h, body)
+    assert h.broker.rejects == 0 and not [e for e in h.events if isinstance(e, OrderRejected)]
+    assert len(fake.placed("/order/placeorder")) == 3  # the three exits: no standalone stops
+    assert len(fake.placed("/order/modifyorder")) == 9
+    assert working_stops(fake) == []
+
+
+def test_props_entity_arrays_reach_the_portfolio(fake):
+    """``entity`` may be an array: a split market order's two fills arrive in one event, orders and
+    positions as one-element arrays; none is dropped or counted as malformed."""
+    fake.faults.partial_fills = 1
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-4-0", qty=2))
+        await h.pump(lambda: h.position == 2)
+        assert await h.broker.settle(5)
+        assert h.broker._socket is not None and h.broker._socket.malformed_frames == 0
+        assert h.broker.position == 2  # from the position events
+        assert h.broker.book.unexpected == 0
+
+    run_harness(h, body)
+    assert [f.qty for f in h.fills] == [1, 1] and h.broker.reconnects == 0
+
+
+def test_flatten_is_automated_and_its_refusal_is_reported(fake):
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-1-0"))
+        await h.pump(lambda: h.position == 1)
+        fake.faults.reject_orders = 1
+        await h.broker.submit(OrderIntent("run00001-2-0", Side.SELL, 1, OrderKind.MARKET, "flatten:operator"))
+        assert await h.broker.settle(5)
+        h.drain()
+        await h.broker.submit(OrderIntent("run00001-3-0", Side.SELL, 1, OrderKind.MARKET, "flatten:operator"))
+        await h.pump(lambda: h.position == 0)
+
+    run_harness(h, body)
+    bodies = fake.placed("/order/liquidateposition")
+    assert len(bodies) == 2 and all(b["isAutomated"] is True for b in bodies)
+    refused = [e for e in h.events if isinstance(e, OrderRejected)]
+    assert [e.client_id for e in refused] == ["run00001-2-0"] and "liquidation refused" in refused[0].reason
+    assert any(isinstance(e, BrokerProblem) and "flatten" in e.text for e in h.events)
+    assert fake.net_pos == 0
+
+
+@pytest.mark.parametrize("tif", ["GTC", "Day"])
+def test_the_protective_stop_outlives_the_session_close(fake, tif):
+    """Every order states its time in force. A GTC stop survives the session close; a Day stop
+    that expires is replaced at once, so the position is never left without a stop."""
+    h = Harness(fake, stop_time_in_force=tif)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-5-0"))
+        await h.pump(lambda: h.position == 1)
+        price = h.broker.working_stop
+        expired = fake.session_end()
+        assert bool(expired) == (tif == "Day")
+        await h.pump(lambda: len([o for o in working_stops(fake) if o["ordStatus"] == "Working"]) == 1)
+        assert await h.broker.settle(5)
+        (stop,) = working_stops(fake)
+        assert fake.versions[stop["id"]]["stopPrice"] == price and fake.versions[stop["id"]]["orderQty"] == 1
+
+    run_harness(h, body)
+    oso = fake.placed("/order/placeoso")[0]
+    assert oso["timeInForce"] == "Day" and oso["bracket1"]["timeInForce"] == tif
+    assert h.broker.stops_replaced == (1 if tif == "Day" else 0)
+
+
+def test_an_exit_cancels_the_bracket_stop_so_it_cannot_open_a_position_later(fake):
+    """A working stop fills whatever the position: the bracket left after a market exit is
+    cancelled, so a later touch of its price opens nothing, and the next entry has one stop."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-20-0"))
+        await h.pump(lambda: h.position == 1)
+        old = h.broker.working_stop
+        await h.broker.submit(OrderIntent("run00001-21-0", Side.SELL, 1, OrderKind.MARKET, "exit:signal"))
+        await h.pump(lambda: h.position == 0)
+        await h.pump(lambda: working_stops(fake) == [])
+        # the market falls through the old stop's price: nothing may fill
+        fake.call(lambda: fake._check_stops({"low": old - 10, "high": old, "close": old - 10}))
+        await asyncio.sleep(0.2)
+        assert fake.net_pos == 0
+        await h.broker.submit(entry("run00001-22-0"))
+        await h.pump(lambda: h.position == 1)
+        assert await h.broker.settle(5)
+        assert len(working_stops(fake)) == 1
+
+    run_harness(h, body)
+    assert h.broker.stops_cancelled == 1 and fake.net_pos == 1
+
+
+def test_a_reversal_leaves_one_stop_on_the_new_side(fake):
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-30-0"))
+        await h.pump(lambda: h.position == 1)
+        rev = OrderIntent("run00001-31-0", Side.SELL, 2, OrderKind.MARKET, "reverse", 40)
+        await h.broker.submit(rev)
+        await h.pump(lambda: h.position == -1)
+        await h.pump(lambda: len(working_stops(fake)) == 1)
+        assert await h.broker.settle(5)
+
+    run_harness(h, body)
+    (stop,) = working_stops(fake)
+    assert stop["action"] == "Buy" and fake.versions[stop["id"]]["orderQty"] == 1
+
+
+def test_broker_calls_return_at_once_and_retries_run_beside_the_bar_loop(fake):
+    """submit and set_stop only queue: a slow or failing request is retried by the broker's own
+    task, and the caller (the bar loop) is back before the server has answered."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-40-0"))
+        await h.pump(lambda: h.position == 1)
+        assert await h.broker.settle(5)
+        fake.faults.http_5xx["/order/modifyorder"] = 3
+        fake.faults.response_delay_s = 0.3
+        await h.broker.set_stop(h.broker.working_stop + 1.0)
+        assert not await h.broker.settle(0.05)  # still at work after the caller is back
+        assert await h.broker.settle(10)
+        fake.faults.response_delay_s = 0.0
+
+    run_harness(h, body)
+    (stop,) = working_stops(fake)
+    assert fake.versions[stop["id"]]["stopPrice"] == h.broker.working_stop
+    assert len(fake.placed("/order/modifyorder")) == 4  # three 503s, then done
+
+
+def test_a_429_locks_out_halts_entries_keeps_the_stop_and_resumes_by_itself(fake):
+    fake.lockout_s = 1.5
+    h = Harness(fake, lockout_s=1.5)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-50-0"))
+        await h.pump(lambda: h.position == 1)
+        assert await h.broker.settle(5)
+        stop_id, price = h.broker.stop_order_id, h.broker.working_stop
+        fake.faults.http_429["/order/modifyorder"] = 1
+        await h.broker.set_stop(price + 1.0)
+        assert await h.broker.settle(5)
+        blocked = [e for e in h.broker.drain_events() if isinstance(e, BrokerBlocked)]
+        assert blocked and "429" in blocked[-1].reason
+        sent = len(fake.requests)
+        await h.broker.submit(entry("run00001-51-0"))  # as if the engine had not halted yet
+        assert await h.broker.settle(5)
+        assert len(fake.requests) == sent  # nothing sent during the lockout
+        assert fake.orders[stop_id]["ordStatus"] == "Working"  # the stop stays at the broker
+        assert fake.versions[stop_id]["stopPrice"] == price
+        await h.pump(lambda: any(isinstance(e, BrokerBlocked) and not e.reason for e in h.events), 6)
+        await h.pump(lambda: fake.versions[stop_id]["stopPrice"] == price + 1.0, 6)
+
+    run_harness(h, body)
+    refused = [e for e in h.events if isinstance(e, OrderRejected)]
+    assert [e.client_id for e in refused] == ["run00001-51-0"] and "locked out" in refused[0].reason
+    assert any(isinstance(e, ReconcileReport) and e.why == "lockout_end" for e in h.events)
+    assert fake.net_pos == 1 and fake.lockouts == 1 and fake.requests_in_lockout == 0
+
+
+def test_a_423_warning_slows_down_instead_of_refusing(fake):
+    """HTTP 423 comes before a lockout: the request was not executed, nothing is refused; the
+    client waits ``warning_backoff_s`` and sends it again."""
+    fake.hour_limit, fake.hour_s = 100, 1.0  # the window rolls over within the back-off
+    h = Harness(fake, warning_backoff_s=1.2)
+
+    async def body(h: Harness) -> None:
+        fake.call(lambda: fake.request_times.extend([time.monotonic()] * 95))
+        await h.broker.submit(entry("run00001-60-0"))
+        await h.pump(lambda: h.position == 1, 8)
+
+    run_harness(h, body)
+    assert fake.warnings_423 >= 1 and h.rest.gate.warnings >= 1
+    assert fake.lockouts == 0 and h.broker.rejects == 0
+
+
+def test_the_request_gate_keeps_to_the_hourly_budget():
+    cfg = load_settings(
+        None, {"tradovate": {"max_requests_per_hour": 10, "max_requests_per_s": 50}}
+    ).tradovate
+    gate = RequestGate(cfg)
+
+    async def go() -> tuple[int, str]:
+        sent = 0
+        for _ in range(12):
+            try:
+                await asyncio.wait_for(gate.wait("GET /x"), 0.5)
+            except TimeoutError:
+                break
+            sent += 1
+        return sent, gate.blocked()
+
+    sent, blocked = asyncio.run(go())
+    assert sent == 10 and "budget" in blocked and gate.budget_waits >= 1
+
+
+def test_a_session_closed_from_outside_costs_one_token_request_and_both_sockets_recover(fake):
+    """Two logins elsewhere close our session (two sessions at most): both sockets get a close
+    frame at once. One refresh serves both (renewal fails for a closed session, so one new token
+    request), user data comes back (reconcile, fills), and the bars go on without a gap."""
+    h = Harness(fake, token_request_spacing_s=0.5)
+    fake.market_running = True
+    feed = TradovateFeed(h.s, h.rest)
+
+    async def body(h: Harness) -> None:
+        got: list[Bar] = []
+
+        async def bars() -> None:
+            async with contextlib.aclosing(feed.batches()) as batches:
+                async for batch in batches:
+                    got.extend(b for b, _ in batch.items if b is not None and batch.kind.value != "prime")
+
+        task = asyncio.create_task(bars())
+        await h.pump(lambda: len(got) >= 3)
+        before = fake.token_requests
+        fake.external_login()
+        fake.external_login()  # the third session: ours, the oldest, is closed
+        await h.pump(lambda: h.broker.reconnects == 1 and h.broker.connected and h.broker.reconciles >= 2, 10)
+        await h.pump(lambda: feed.reconnects == 1 and feed.connected, 10)
+        n = len(got)
+        await h.pump(lambda: len(got) >= n + 3, 10)
+        assert fake.token_requests == before + 1
+        await h.broker.submit(entry("run00001-70-0"))
+        await h.pump(lambda: h.position == 1)  # fills flow on the new user socket
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert_continuous(got)
+
+    run_harness(h, body)
+    # ours (the oldest of three), then, when we logged in again, the oldest outside one
+    assert fake.sessions_closed == 2 and len(fake.sessions) == 2
+
+
+def test_chart_errors_are_retried_then_end_the_feed_with_the_servers_reason(fake):
+    fake.faults.chart_errors = 100
+    s = settings(fake, chart_error_limit=3)
+    feed = TradovateFeed(s, TradovateRest(s.tradovate))
+    with pytest.raises(ChartRefused, match=r"tradovate.symbol 'NQZ3'.*refused 3 times.*Unknown symbol"):
+        asyncio.run(collect(feed, 3))
+    assert [e for k, e in fake.ws_requests if k == "md"].count("md/getChart") == 3
+
+
+def test_one_chart_error_is_retried(fake):
+    fake.faults.chart_errors = 1
+    s = settings(fake)
+    feed = TradovateFeed(s, TradovateRest(s.tradovate))
+    got = asyncio.run(collect(feed, 4))
+    assert feed.chart_errors == 0 and feed.connects == 1
+    assert_continuous([b for _, b in got])
+
+
+def test_a_shutdown_event_closes_and_reconnects_both_sockets(fake):
+    h = Harness(fake)
+    fake.market_running = True
+    feed = TradovateFeed(h.s, h.rest)
+
+    async def body(h: Harness) -> None:
+        async def during(live: int) -> None:
+            if live == 3:
+                fake.shutdown("md")
+                fake.shutdown("user")
+
+        got = await collect_open(feed, 9, during)
+        assert feed.reconnects == 1 and h.broker.reconnects == 1
+        await h.pump(lambda: h.broker.connected and h.broker.reconciles >= 2)
+        assert_continuous([b for k, b in got if k != "prime"])
+
+    run_harness(h, body)
+
+
+async def collect_open(feed: TradovateFeed, n_live: int, during: Any) -> list[tuple[str, Bar]]:
+    """``collect`` for a feed whose REST session another component still uses."""
+    out: list[tuple[str, Bar]] = []
+    live = 0
+    async with contextlib.aclosing(feed.batches()) as batches:
+        async for batch in batches:
+            out += [(batch.kind.value, b) for b, _ in batch.items if b is not None]
+            if batch.kind.value == "live":
+                live += 1
+                await during(live)
+            if live >= n_live:
+                break
+    return out
+
+
+def test_a_busted_fill_is_never_applied_and_halts_entries_until_reconciled(fake):
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-80-0"))
+        await h.pump(lambda: h.position == 1)
+        assert await h.broker.settle(5)
+        fid = fake.fills[-1]["id"]
+        fake.bust_fill(fid)
+        await h.pump(lambda: any(isinstance(e, BrokerProblem) and "busted" in e.text for e in h.events))
+        await h.pump(lambda: h.mismatch is not None)  # the reconcile: broker flat, journal +1
+        assert "broker position +0 != journal +1" in (h.mismatch or "")
+        await h.pump(lambda: working_stops(fake) == [])  # flat at the broker: no stop left
+
+    run_harness(h, body)
+    assert h.broker.busted_fills == 1 and len(h.fills) == 1
+
+
+def test_a_websocket_429_is_a_lockout_waited_out_without_knocking(fake):
+    """``s: 429`` on a socket request locks the user out like HTTP 429: the feed sends nothing
+    until the lockout is over (knocking would extend it), then resubscribes and goes on."""
+    fake.lockout_s = 1.0
+    fake.faults.ws_429["md/getChart"] = 1
+    s = settings(fake, lockout_s=1.0)
+    feed = TradovateFeed(s, TradovateRest(s.tradovate))
+    got = asyncio.run(collect(feed, 3))
+    assert fake.lockouts == 1 and fake.requests_in_lockout == 0
+    assert feed.rest.gate.lockouts == 1 and feed.connects == 1
+    assert_continuous([b for _, b in got])

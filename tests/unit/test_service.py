@@ -237,3 +237,40 @@ def test_discarding_a_half_done_bar_keeps_what_a_real_broker_did(tmp_path):
     # a close commits what was recorded; the discarded bar row is gone, the later one is there
     assert con.execute("SELECT seq FROM bars").fetchall() == [(2,)]
     con.close()
+
+
+def test_a_broker_lockout_halts_entries_and_is_degraded_not_unhealthy(tmp_path):
+    """A 429 lockout or a captcha penalty: entries halt with the reason in /state and /metrics,
+    /healthz says "degraded" but the watchdog keeps being fed (a restart would only knock again);
+    when the lockout ends, entries are allowed again by themselves."""
+    from tests.tradovate_server import FakeTradovate, shared_bars
+    from trader.service.http import EngineCollector
+    from trader.wiring import build_live
+
+    fake = FakeTradovate(shared_bars(), 1000)
+    cfg = fake.config() | {"password": "x", "sec": "y"}
+    s = make_settings(tradovate=cfg, service={"http_enabled": False})
+    live = build_live(s, tmp_path / "live.sqlite", "live")
+    op = Operator(s, live, None)
+    eng, broker = live.engine, live.engine.broker
+    broker.connected, broker.disconnected_at = True, None  # type: ignore[attr-defined]
+    eng.last_bar_at = time.monotonic()
+    op.ready = True
+
+    def metric(name: str) -> float:
+        fam = next(m for m in EngineCollector(op).collect() if m.name == name)
+        return fam.samples[0].value
+
+    broker.rest.gate.lock("HTTP 429 on POST /order/placeoso", 60.0)  # type: ignore[attr-defined]
+    eng.apply_broker_events()
+    health = op.health(stopping=False)
+    assert op.unhealthy() is None and health["ok"] is True and health["status"] == "degraded"
+    assert "429" in health["degraded"][0] and "429" in health["broker"]["blocked"]
+    assert any("429" in r for r in op.state()["entries_halted_by"]) and op.controls.halted
+    assert metric("trader_broker_blocked") == 1.0 and metric("trader_halted") == 1.0
+
+    broker.rest.gate.locked_until = 0.0  # type: ignore[attr-defined]  # the lockout is over
+    eng.apply_broker_events()
+    assert op.health(stopping=False)["status"] == "ok" and not op.controls.halted
+    assert metric("trader_broker_blocked") == 0.0
+    live.journal.close()

@@ -1,6 +1,8 @@
 """Health, metrics, state and control over HTTP (aiohttp), bound to 127.0.0.1 by default.
 
-GET  /healthz   200 when ready and healthy, 503 otherwise; JSON with the reasons
+GET  /healthz   200 when ready and healthy, 503 otherwise; JSON with the reasons; ``status`` is
+                "degraded" (still 200) while the broker is locked out or penalised: entries are
+                halted and it ends by itself, so a restart would not help
 GET  /metrics   Prometheus text format (prometheus_client), built from the engine at scrape time
 GET  /state     JSON: position, stop, balance, equity, drawdown threshold, halt state, last bar
 POST /halt      no new entries (positions and their stops stay)            } bearer token from
@@ -125,6 +127,14 @@ class EngineCollector(Collector):
         b = eng.broker.health()
         yield GaugeMetricFamily(
             "trader_broker_connected", "1 while the broker is up", value=float(b.connected)
+        )
+        yield GaugeMetricFamily(
+            "trader_broker_blocked",
+            "1 while the broker takes no new orders (rate-limit lockout, captcha penalty)",
+            value=float(bool(b.degraded)),
+        )
+        yield GaugeMetricFamily(
+            "trader_degraded", "1 while the service is up but limited", value=float(bool(op.degraded()))
         )
         for k, v in b.counters:
             yield counter(f"trader_broker_{k}", f"Broker: {k.replace('_', ' ')}", v)

@@ -140,12 +140,25 @@ class Operator:
             return f"broker {b.kind} disconnected for {b.disconnected_s:.0f}s"
         return None
 
+    def degraded(self) -> list[str]:
+        """Up but limited (a broker lockout or penalty): entries halt and /healthz says so, but the
+        watchdog keeps being fed, since a restart would only ask the broker for more."""
+        out = []
+        for part in (self.engine.feed.health(), self.engine.broker.health()):
+            if part.degraded and part.degraded not in out:
+                out.append(part.degraded)
+        return out
+
     def health(self, stopping: bool) -> dict[str, Any]:
         reason = self.unhealthy()
         adv = self.engine.advisor
         f, b = self.engine.feed.health(), self.engine.broker.health()
+        degraded = self.degraded()
+        ok = self.ready and reason is None and not stopping
         return {
-            "ok": self.ready and reason is None and not stopping,
+            "ok": ok,
+            "status": ("degraded" if degraded else "ok") if ok else "unhealthy",
+            "degraded": degraded,
             "ready": self.ready,
             "stopping": stopping,
             "problem": reason,
@@ -160,6 +173,7 @@ class Operator:
                 "connected": b.connected,
                 "disconnected_s": round(b.disconnected_s, 1),
                 "mismatch": self.controls.reconcile_mismatch or None,
+                "blocked": b.degraded or None,
             },
             "llm": None
             if adv is None

@@ -1,28 +1,56 @@
 """Live broker: Tradovate order routing over REST, order/fill/position events over the user-data
-WebSocket (``user/syncrequest``), reconciliation at start and after every reconnect.
+WebSocket (``user/syncrequest``), reconciliation at start, after every reconnect and after any
+surprise.
 
-Orders
+Off the bar loop
+  ``submit``, ``set_stop`` and a flatten only queue a job and return: one worker task sends the
+  jobs in order, with their retries and back-off, beside the bar loop, and the engine learns the
+  outcome as events (fills, refusals, problems, blocks) at its next ``drain_events``. A slow or
+  refused request never delays a later decision (issue 14, item 8).
+
+Orders (Tradovate OpenAPI spec 2026-08; partner docs "best practices")
   * an entry with a protective stop is one OSO request (``order/placeoso``: a market entry and a
-    ``bracket1`` stop that the exchange side holds from the moment the entry fills); the stop sits
-    ``stop_ticks`` from the decision bar's close;
+    ``bracket1`` stop the server holds from the moment the entry fills); the stop sits
+    ``stop_ticks`` from the decision bar's close; an add to a position sends no second stop
+    (the one stop's quantity is modified instead);
   * MOVE_TO_BE and trailing modify that stop (``order/modifyorder``); ``None`` cancels it;
   * exits are market orders sized to the broker's position; flatten is ``order/liquidateposition``
-    (cancels the contract's working orders and closes the position in one request);
+    (cancels the contract's working orders and closes the position), its result checked;
+  * every order carries ``isAutomated: true`` ("MUST include isAutomated: true for all automated
+    orders"; the bracket object has no such field) and an explicit ``timeInForce``: the server's
+    default is not documented and Tradovate's own C# sample always sets it; protective stops use
+    ``tradovate.stop_time_in_force`` (GTC by default, so a stop does not expire at the session
+    close; a stop that expires anyway is replaced), market orders Day;
+  * a result is a success when ``failureReason`` is absent, empty or ``"Success"`` (the spec's
+    enum contains ``Success``; both shapes occur), and a refusal for any other value;
   * every new order carries ``clOrdId`` = the engine's client id, derived from (run, bar, intent),
     so a retried request is recognisable.
 
+One protective stop
+  A working stop is an order like any other: it stays working when the position goes flat and
+  fills whatever the position is. So after every fill and every change of a stop, the worker
+  makes the broker hold exactly what the position needs: flat = no stop of ours; otherwise one
+  stop on the closing side, for the position's size, at the engine's price; any other stop of
+  ours (the bracket of a closed or reversed position, one left from before a restart) is
+  cancelled, and an expired or missing stop is placed again.
+
 Retries
-  * a penalty ticket or HTTP 429 means "not executed": wait and resend (``TradovateRest``);
+  * a penalty ticket: wait and resend with the ticket; HTTP 423: wait ``warning_backoff_s``;
+    HTTP 429 or a captcha: a lockout (about an hour): nothing is sent, entries halt
+    (:class:`~trader.domain.BrokerBlocked`), working stops stay at the broker, and after it a
+    reconcile resyncs and entries resume by themselves;
   * a timeout, 5xx or dropped connection on a *new order* is ambiguous: before sending it again the
-    broker looks for its ``clOrdId`` in ``command/list``; found = it was placed (adopted, not resent).
-    This is what makes a retry unable to open a second position;
+    broker looks for its ``clOrdId`` in ``command/list``; found = it was placed (adopted, not
+    resent). This is what makes a retry unable to open a second position;
   * modify, cancel and liquidate are safe to repeat and are retried with back-off and jitter.
 
 State
   Fills come only from the broker's events (deduplicated by fill id; partial fills are separate
-  fills), so the engine's portfolio follows what actually executed. Every order status change goes
-  through :class:`OrderBook`, which logs each transition. Reconciliation compares the broker's
-  position and working orders with the engine's; a mismatch halts entries (``mismatch``) unless
+  fills; ``entity`` may be one object or an array; a fill with ``active: false`` is a busted trade:
+  never applied, and one already applied raises a problem and a reconcile), so the engine's
+  portfolio follows what actually executed. Every order status change goes through
+  :class:`OrderBook`, which logs each transition. Reconciliation compares the broker's position
+  and working orders with the engine's; a mismatch halts entries (``mismatch``) unless
   ``tradovate.adopt_broker_state``, in which case the broker's position and stop are adopted.
 """
 
@@ -31,25 +59,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type
 
 from trader.adapters.tradovate.protocol import iso_to_ns
 from trader.adapters.tradovate.rest import (
-    PenaltyError,
+    AuthError,
     RateLimited,
     RejectedError,
     TradovateError,
     TradovateRest,
     TransientError,
+    retry_wait,
 )
-from trader.adapters.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
+from trader.adapters.tradovate.socket import SocketClosed, TradovateSocket
 from trader.config import Settings
 from trader.domain import (
     Bar,
+    BrokerBlocked,
     BrokerEvent,
     BrokerProblem,
     ComponentHealth,
@@ -84,6 +115,8 @@ class TrackedOrder:
     qty: int
     status: str = "Sent"
     filled: int = 0
+    price: float | None = None  # a stop's price as last sent
+    parent: int | None = None  # a bracket stop's entry order
 
 
 class OrderBook:
@@ -129,6 +162,30 @@ class OrderBook:
         return [o for o in self.orders.values() if o.status not in TERMINAL]
 
 
+SUCCESS = (None, "", "Success")  # failureReason of an accepted request (absent, empty or "Success")
+Job = Callable[[], Awaitable[None]]
+
+
+def accepted(result: object) -> bool:
+    """A PlaceOrderResult / PlaceOsoResult / CommandResult that reports success."""
+    return isinstance(result, dict) and result.get("failureReason") in SUCCESS
+
+
+def refusal(result: object) -> str:
+    if not isinstance(result, dict):
+        return f"unexpected result {str(result)[:120]!r}"
+    return str(result.get("failureText") or result.get("failureReason") or "refused")
+
+
+def entities(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """A props event's ``entity``: one object or an array of them."""
+    e = d["entity"]
+    items = e if isinstance(e, list) else [e]
+    if not all(isinstance(x, dict) for x in items):
+        raise TypeError("props entity is not an object or an array of objects")
+    return items
+
+
 class TradovateBroker:
     name = "tradovate"
 
@@ -167,13 +224,26 @@ class TradovateBroker:
         self.rejects = 0
         self.adopted_orders = 0  # ambiguous sends found placed (not resent)
         self.reconnects = 0
+        self.stops_cancelled = 0  # stops of ours left over (closed or reversed position) cancelled
+        self.stops_replaced = 0  # a protective stop missing (expired, say) placed again
+        self.busted_fills = 0
+        self.problems = 0
         self._events: list[BrokerEvent] = []
         self._seen_fills: set[int] = set()
         self._stop_seq = 0
+        self._bar_seq = 0  # bars seen: an order decided on an older bar is not sent
+        self._stop_target: float | None = None  # the engine's stop price for the open position
         self._children: dict[int, int] = {}  # entry order id → its bracket stop's order id
+        self._early_fills: dict[int, list[dict[str, Any]]] = {}  # fills before their order's result
+        self._sending = False
         self._socket: TradovateSocket | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._synced = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._jobs: asyncio.Queue[tuple[str, Job]] = asyncio.Queue()
+        self._sync_queued = False
+        self._after_lockout = False
+        self._blocked_sent = ""
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,34 +265,57 @@ class TradovateBroker:
         await self._connect()
         await self.reconcile("start")
         self._supervisor = asyncio.create_task(self._supervise(), name="tradovate-user")
+        self._worker = asyncio.create_task(self._work(), name="tradovate-orders")
+        self._watcher = asyncio.create_task(self._watch_lockout(), name="tradovate-lockout")
+        self._want_sync()
         log.info("broker_ready", account=self.account_spec, contract=self.cfg.symbol, position=self.position)
 
+    async def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued job has been done (False if ``timeout_s`` passed first)."""
+        if self._worker is None:
+            return True
+        try:
+            await asyncio.wait_for(self._jobs.join(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
     async def stop(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
+        """Finish the queued jobs (bounded), then stop the worker, the supervisor and the socket."""
+        if not await self.settle(self.cfg.order_retry_s + 2 * self.cfg.request_timeout_s):
+            log.error("broker_jobs_unfinished_at_stop", queued=self._jobs.qsize())
+        for name in ("_worker", "_watcher", "_supervisor"):
+            task = getattr(self, name)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                setattr(self, name, None)
         if self._socket is not None:
             await self._socket.close()
         self.connected = False
         self.disconnected_at = time.monotonic()
 
     async def _connect(self) -> None:
-        tok = self.rest.token
-        assert tok is not None
-        sock = TradovateSocket(self.rest.ws_url, self.cfg, "user", self._on_event)
+        self.rest.gate.check("user connect")
+        tok = self.rest.token or await self.rest.authenticate()
+        sock = TradovateSocket(self.rest.ws_url, self.cfg, "user", self._on_event, self.rest.gate)
         try:
             await sock.connect(self.rest.session, tok.access.get_secret_value())
-        except TradovateError:
-            await self.rest.authenticate()
-            raise
+        except AuthError:
+            # refused (a session closed from outside): one refresh, shared with the md socket
+            await self.rest.refresh(tok)
+            raise SocketClosed("user: authorization refused; token refreshed") from None
         body = {
             "splitResponses": True,
             "accounts": [self.account_id],
             "entityTypes": ["order", "fill", "position"],
         }
-        await sock.request("user/syncrequest", body)
+        try:
+            await sock.request("user/syncrequest", body)
+        except BaseException:
+            await sock.close()
+            raise
         self._socket = sock
         self.connected = True
         self.disconnected_at = None
@@ -237,16 +330,72 @@ class TradovateBroker:
             self.reconnects += 1
             log.warning("user_connection_lost", reason=sock.close_reason)
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((SocketClosed, TransientError, RateLimited, RequestFailed)),
-                wait=wait_exponential_jitter(
-                    multiplier=self.cfg.reconnect_initial_s,
-                    max=self.cfg.reconnect_max_s,
-                    jitter=self.cfg.reconnect_initial_s,
+                # anything: user data must come back (a bad answer is retried, logged, not fatal)
+                retry=retry_if_exception_type(Exception),
+                wait=retry_wait(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s),
+                before_sleep=lambda rs: log.warning(
+                    "user_reconnect_wait",
+                    attempt=rs.attempt_number,
+                    error=str(rs.outcome.exception()) if rs.outcome else "",
                 ),
             ):
                 with attempt:
                     await self._connect()
-            await self.reconcile("reconnect")
+                    await self.reconcile("reconnect")
+            self._want_sync()
+
+    # -- the worker ---------------------------------------------------------------------------------
+    def _queue(self, label: str, job: Job) -> None:
+        self._jobs.put_nowait((label, job))
+
+    def _want_sync(self) -> None:
+        """Make the broker's stops match the position (after a fill, a stop's end, a reconcile)."""
+        if not self._sync_queued:
+            self._sync_queued = True
+            self._queue("sync_stops", self._sync_stops)
+
+    async def _work(self) -> None:
+        while True:
+            label, job = await self._jobs.get()
+            try:
+                if label == "sync_stops":
+                    self._sync_queued = False
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except RateLimited as exc:
+                if exc.lockout:
+                    self._after_lockout = True
+                log.error("broker_job_not_sent", job=label, error=str(exc))
+            except Exception as exc:
+                self._problem(f"{label}: {type(exc).__name__}: {exc}")
+                log.exception("broker_job_failed", job=label)
+            finally:
+                self._jobs.task_done()
+
+    async def _watch_lockout(self) -> None:
+        """Once a second: when a lockout that stopped a job has ended, reconcile (what happened
+        meanwhile) and put the stop right; entries resume with the cleared block."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._after_lockout and not self.rest.gate.blocked() and self.connected:
+                self._after_lockout = False
+                log.info("tradovate_lockout_over_reconciling")
+                self._queue("reconcile", self._reconcile_after_lockout)
+
+    async def _reconcile_after_lockout(self) -> None:
+        try:
+            await self.reconcile("lockout_end")
+        except RateLimited as exc:
+            self._after_lockout = exc.lockout
+            raise
+
+    def _problem(self, text: str) -> None:
+        """Something left the broker's state uncertain: entries halt until a reconcile agrees,
+        and one is queued now."""
+        self.problems += 1
+        self._events.append(BrokerProblem(text))
+        self._queue("reconcile", lambda: self.reconcile("problem"))
 
     # -- orders -------------------------------------------------------------------------------------
     def in_flight(self) -> list[TrackedOrder]:
@@ -254,9 +403,23 @@ class TradovateBroker:
         return [o for o in self.book.working() if o.purpose not in ("stop", "adopted") and o.filled < o.qty]
 
     async def submit(self, intent: OrderIntent) -> None:
-        side = "Buy" if intent.side == Side.BUY else "Sell"
+        """Queue the order (sent by the worker, in order); the outcome comes back as events."""
         if intent.purpose.startswith("flatten"):
-            await self._liquidate(intent)
+            self._queue(f"liquidate {intent.client_id}", lambda: self._liquidate(intent))
+            return
+        stop_price = None
+        if intent.stop_ticks > 0 and self.last_price > 0:
+            sgn = int(intent.side)
+            stop_price = self.grid.round(self.last_price - sgn * intent.stop_ticks * self.grid.tick_size)
+        bar = self._bar_seq
+        self._queue(f"order {intent.client_id}", lambda: self._send_order(intent, stop_price, bar))
+
+    async def _send_order(self, intent: OrderIntent, stop_price: float | None, bar: int) -> None:
+        if bar != self._bar_seq:
+            # a newer bar arrived before this could go out (the worker was busy with a retry):
+            # the decision was made on prices that are gone; the engine decides again on this bar
+            log.warning("order_not_sent_stale", client_id=intent.client_id, bars_late=self._bar_seq - bar)
+            self._refused(intent.client_id, f"not sent: decided {self._bar_seq - bar} bar(s) ago")
             return
         busy = self.in_flight()
         if busy:
@@ -265,9 +428,10 @@ class TradovateBroker:
             self._events.append(OrderRejected(intent.client_id, f"not sent: {busy[0].client_id} in flight"))
             return
         qty = intent.qty
+        sgn = int(intent.side)
         if intent.purpose.startswith("exit"):
             # exits close what the broker holds now, never more (a stop may have closed it already)
-            qty = min(qty, abs(self.position)) if self.position * int(intent.side) < 0 else 0
+            qty = min(qty, abs(self.position)) if self.position * sgn < 0 else 0
             if qty == 0:
                 log.info("exit_skipped_flat", client_id=intent.client_id)
                 return
@@ -275,37 +439,57 @@ class TradovateBroker:
             "accountSpec": self.account_spec,
             "accountId": self.account_id,
             "clOrdId": intent.client_id,
-            "action": side,
+            "action": "Buy" if sgn > 0 else "Sell",
             "symbol": self.cfg.symbol,
             "orderQty": qty,
             "orderType": "Market",
+            "timeInForce": "Day",
             "isAutomated": True,
         }
         path = "/order/placeorder"
-        stop_price = None
-        if intent.stop_ticks > 0 and self.last_price > 0:
-            sgn = int(intent.side)
-            stop_price = self.grid.round(self.last_price - sgn * intent.stop_ticks * self.grid.tick_size)
+        adding = self.fill_position * sgn > 0 and self._live_stop() is not None
+        if stop_price is not None and not adding:
             body["bracket1"] = {
                 "action": "Sell" if sgn > 0 else "Buy",
                 "orderType": "Stop",
                 "stopPrice": stop_price,
+                "timeInForce": self.cfg.stop_time_in_force,
             }
             path = "/order/placeoso"
-        result = await self._place_new(path, body)
-        if result is None:
-            return
-        self.book.add(
-            TrackedOrder(int(result["orderId"]), intent.client_id, intent.purpose, intent.side, qty)
-        )
-        if result.get("oso1Id"):
-            self._track_stop(int(result["oso1Id"]), f"{intent.client_id}-stop", intent, qty, stop_price)
+        self._sending = True
+        try:
+            result = await self._place_new(path, body)
+            if result is None:
+                return
+            if result.get("oso1Id"):
+                stop_side = Side.SELL if sgn > 0 else Side.BUY
+                self._track_stop(
+                    int(result["oso1Id"]),
+                    f"{intent.client_id}-stop",
+                    stop_side,
+                    qty,
+                    stop_price,
+                    parent=int(result["orderId"]),
+                )
+                self._stop_target = stop_price
+            self.book.add(
+                TrackedOrder(int(result["orderId"]), intent.client_id, intent.purpose, intent.side, qty)
+            )
+        finally:
+            self._sending = False
+        for f in self._early_fills.pop(int(result["orderId"]), ()):
+            self._on_fill(f)
 
     def _track_stop(
-        self, order_id: int, client_id: str, intent: OrderIntent | None, qty: int, price: float | None
+        self,
+        order_id: int,
+        client_id: str,
+        side: Side,
+        qty: int,
+        price: float | None,
+        parent: int | None = None,
     ) -> None:
-        side = Side.SELL if (intent.side if intent else Side.BUY) == Side.BUY else Side.BUY
-        self.book.add(TrackedOrder(order_id, client_id, "stop", side, qty))
+        self.book.add(TrackedOrder(order_id, client_id, "stop", side, qty, price=price, parent=parent))
         self.stop_order_id = order_id
         self.working_stop = price
 
@@ -323,10 +507,14 @@ class TradovateBroker:
         attempt = 0
         while True:
             attempt += 1
+            pause = min(2.0, 0.2 * 2 ** (attempt - 1))
             try:
                 r = await self.rest.post(path, body)
-            except RateLimited:
-                pass  # not executed
+            except RateLimited as exc:  # not executed
+                if exc.lockout or exc.retry_at > deadline:
+                    self._refused(cid, f"not sent: {exc}")
+                    return None
+                pause = max(pause, exc.retry_at - time.monotonic())
             except TransientError as exc:
                 log.warning("order_send_failed", client_id=cid, error=str(exc), ambiguous=exc.ambiguous)
                 if exc.ambiguous:
@@ -335,22 +523,26 @@ class TradovateBroker:
                         self.adopted_orders += 1
                         log.warning("order_found_after_ambiguous_send", client_id=cid, order_id=found)
                         return {"orderId": found, **self._bracket_of(found)}
-            except (PenaltyError, RejectedError) as exc:
+            except RejectedError as exc:
                 self._refused(cid, str(exc))
                 return None
             else:
-                if not isinstance(r, dict) or r.get("failureReason") or not r.get("orderId"):
-                    why = r.get("failureText") or r.get("failureReason") if isinstance(r, dict) else r
-                    self._refused(cid, str(why))
+                if not accepted(r):
+                    self._refused(cid, refusal(r))
                     return None
+                if not r.get("orderId"):
+                    # a success without an order id: look the client id up rather than guess
+                    found = await self._find_placed(cid)
+                    if found is None:
+                        self._refused(cid, f"accepted without an orderId and not found: {str(r)[:120]}")
+                        return None
+                    return {"orderId": found, **self._bracket_of(found)}
                 return r
-            if time.monotonic() > deadline:
-                self._events.append(
-                    BrokerProblem(f"order {cid} could not be sent within {self.cfg.order_retry_s}s")
-                )
+            if time.monotonic() + pause > deadline:
+                self._problem(f"order {cid} could not be sent within {self.cfg.order_retry_s}s")
                 log.error("order_send_gave_up", client_id=cid, attempts=attempt)
                 return None
-            await asyncio.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))
+            await asyncio.sleep(pause)
 
     def _bracket_of(self, order_id: int) -> dict[str, Any]:
         child = self._children.get(order_id)
@@ -378,48 +570,102 @@ class TradovateBroker:
         self._events.append(OrderRejected(client_id, why))
 
     async def _liquidate(self, intent: OrderIntent) -> None:
-        body = {"accountId": self.account_id, "contractId": self.contract_id, "admin": False}
+        body = {
+            "accountId": self.account_id,
+            "contractId": self.contract_id,
+            "admin": False,
+            "isAutomated": True,
+        }
         r = await self.rest.retrying(lambda: self.rest.post("/order/liquidateposition", body), safe=True)
-        oid = r.get("orderId") if isinstance(r, dict) else None
+        if not accepted(r):
+            self._refused(intent.client_id, f"liquidation refused: {refusal(r)}")
+            self._problem(f"flatten {intent.client_id} refused by the broker: {refusal(r)}")
+            return
+        oid = r.get("orderId")
         if oid:
             self.book.add(
                 TrackedOrder(int(oid), intent.client_id, intent.purpose, intent.side, abs(self.position))
             )
+            for f in self._early_fills.pop(int(oid), ()):
+                self._on_fill(f)
         log.warning("position_liquidated", client_id=intent.client_id, reason=intent.purpose, order_id=oid)
 
     async def set_stop(self, stop_price: float | None) -> None:
+        """Queue: move the protective stop to ``stop_price`` (None: cancel it)."""
+        price = None if stop_price is None else self.grid.round(stop_price)
+        self._stop_target = price
+        self.working_stop = price
+        if price is None:
+            self._queue("cancel_stop", self._cancel_stop)
+        else:
+            self._want_sync()
+
+    async def _cancel_stop(self) -> None:
+        for o in self._our_stops():
+            await self._cancel(o, "stop cancelled")
+        self.stop_order_id = None
+
+    def _our_stops(self) -> list[TrackedOrder]:
+        """Our protective stops that can trigger: not a bracket whose entry has not filled yet
+        (the server holds it suspended until then)."""
+        return [
+            o
+            for o in self.book.working()
+            if o.purpose == "stop" and not self._pending_bracket(o) and not (o.qty and o.filled >= o.qty)
+        ]
+
+    def _pending_bracket(self, o: TrackedOrder) -> bool:
+        if o.status == "Suspended":
+            return True
+        entry = self.book.orders.get(o.parent) if o.parent is not None else None
+        return entry is not None and entry.status not in TERMINAL and entry.filled < entry.qty
+
+    def _live_stop(self) -> TrackedOrder | None:
         sid = self.stop_order_id
-        live = (
-            sid is not None
-            and self.book.orders.get(sid) is not None
-            and self.book.orders[sid].status not in TERMINAL
-        )
-        if stop_price is None:
-            if live:
-                assert sid is not None
-                await self._safe("/order/cancelorder", {"orderId": sid, "isAutomated": True})
-            self.working_stop, self.stop_order_id = None, None
+        o = self.book.orders.get(sid) if sid is not None else None
+        return o if o is not None and o.status not in TERMINAL else None
+
+    async def _sync_stops(self) -> None:
+        """Make the broker hold exactly the stop the position needs (see the module docstring)."""
+        if self._socket is None or self.rest.gate.blocked().startswith("tradovate lockout"):
             return
-        price = self.grid.round(stop_price)
-        qty = abs(self.position)
-        if live:
-            assert sid is not None
+        pos = self.fill_position
+        closing = Side.SELL if pos > 0 else Side.BUY
+        keep = self._live_stop() if pos else None
+        if keep is not None and keep.side != closing:
+            keep = None
+        for o in self._our_stops():
+            if o is not keep:
+                await self._cancel(o, "flat" if pos == 0 else "not the position's stop")
+                self.stops_cancelled += 1
+                if o.order_id == self.stop_order_id:
+                    self.stop_order_id = None
+        if pos == 0:
+            if self.stop_order_id is None:
+                self.working_stop = None
+            return
+        if keep is None or self._pending_bracket(keep):
+            if keep is None and self._stop_target is not None:
+                await self._place_stop(self._stop_target, closing, abs(pos))
+            return
+        target = self._stop_target if self._stop_target is not None else keep.price
+        if target is not None and (keep.price != target or keep.qty != abs(pos)):
             body = {
-                "orderId": sid,
-                "orderQty": qty or self.book.orders[sid].qty,
+                "orderId": keep.order_id,
+                "orderQty": abs(pos),
                 "orderType": "Stop",
-                "stopPrice": price,
+                "stopPrice": target,
+                "timeInForce": self.cfg.stop_time_in_force,
                 "isAutomated": True,
             }
             if await self._safe("/order/modifyorder", body):
-                self.working_stop = price
-            return
-        if qty == 0:
-            return
+                keep.price, keep.qty = target, abs(pos)
+                self.working_stop = target
+
+    async def _place_stop(self, price: float, side: Side, qty: int) -> None:
         self._stop_seq += 1
         cid = f"{self.run_tag}-stop-{self._stop_seq}"
-        side = Side.SELL if self.position > 0 else Side.BUY
-        body2: dict[str, Any] = {
+        body: dict[str, Any] = {
             "accountSpec": self.account_spec,
             "accountId": self.account_id,
             "clOrdId": cid,
@@ -428,29 +674,46 @@ class TradovateBroker:
             "orderQty": qty,
             "orderType": "Stop",
             "stopPrice": price,
+            "timeInForce": self.cfg.stop_time_in_force,
             "isAutomated": True,
         }
-        r = await self._place_new("/order/placeorder", body2)
+        r = await self._place_new("/order/placeorder", body)
         if r is not None:
-            self.book.add(TrackedOrder(int(r["orderId"]), cid, "stop", side, qty))
-            self.stop_order_id, self.working_stop = int(r["orderId"]), price
+            self._track_stop(int(r["orderId"]), cid, side, qty, price)
+            self.stops_replaced += 1  # a stop placed on its own: the bracket's was missing
+            log.info("stop_placed", client_id=cid, order_id=r["orderId"], price=price, qty=qty)
 
-    async def _safe(self, path: str, body: dict[str, Any]) -> bool:
-        """A request that is safe to repeat (modify, cancel): retried on transient errors."""
+    async def _cancel(self, o: TrackedOrder, why: str) -> None:
+        # refused = it is no longer working (filled or cancelled meanwhile): what a cancel wants,
+        # unless it filled, which its fill event says; a reconcile checks either way
+        ok = await self._safe("/order/cancelorder", {"orderId": o.order_id, "isAutomated": True}, False)
+        log.info("stop_cancel", order_id=o.order_id, client_id=o.client_id, why=why, ok=ok)
+
+    async def _safe(self, path: str, body: dict[str, Any], refusal_is_problem: bool = True) -> bool:
+        """A request that is safe to repeat (modify, cancel): retried on transient errors and a
+        423; a failure (and, for a modify, a refusal) raises a problem (entries halt until a
+        reconcile agrees) rather than a guess."""
         try:
             r = await self.rest.retrying(lambda: self.rest.post(path, body), safe=True)
+        except RateLimited:
+            raise
         except TradovateError as exc:
-            log.error("order_request_failed", path=path, order_id=body.get("orderId"), error=str(exc))
+            self._problem(f"{path} for order {body.get('orderId')} failed: {exc}")
             return False
-        if isinstance(r, dict) and r.get("failureReason"):
-            log.warning(
-                "order_request_refused", path=path, order_id=body.get("orderId"), reason=r.get("failureText")
-            )
+        if not accepted(r):
+            # the order may have just filled or been cancelled: the reconcile will tell
+            log.warning("order_request_refused", path=path, order_id=body.get("orderId"), reason=refusal(r))
+            if refusal_is_problem:
+                self._problem(f"{path} for order {body.get('orderId')} refused: {refusal(r)}")
+            else:
+                self._queue("reconcile", lambda: self.reconcile("refused"))
             return False
         return True
 
     async def flatten_now(self, intent: OrderIntent, last_bar: Bar) -> None:
-        await self._liquidate(intent)
+        """Between bars (the service stopping): liquidate and wait for it (bounded)."""
+        self._queue(f"liquidate {intent.client_id}", lambda: self._liquidate(intent))
+        await self.settle(self.cfg.order_retry_s + 2 * self.cfg.request_timeout_s)
 
     async def cancel_entries(self) -> list[str]:
         """Entries are market orders (filled at once); nothing waits to be cancelled."""
@@ -458,8 +721,16 @@ class TradovateBroker:
 
     def on_bar(self, bar: Bar) -> None:
         self.last_price = bar.close
+        self._bar_seq += 1
 
     def drain_events(self) -> list[BrokerEvent]:
+        blocked = self.rest.blocked()
+        if blocked != self._blocked_sent:
+            self._blocked_sent = blocked
+            self._events.append(BrokerBlocked(blocked))
+            (log.error if blocked else log.info)(
+                "broker_blocked" if blocked else "broker_unblocked", reason=blocked
+            )
         if not self._events:
             return []
         out, self._events = self._events, []
@@ -467,6 +738,7 @@ class TradovateBroker:
 
     def health(self) -> ComponentHealth:
         down = self.disconnected_at
+        gate = self.rest.gate
         return ComponentHealth(
             "tradovate",
             self.connected,
@@ -476,7 +748,18 @@ class TradovateBroker:
                 ("reconnects", self.reconnects),
                 ("rejects", self.rejects),
                 ("orders_found_after_ambiguous_send", self.adopted_orders),
+                ("stops_cancelled", self.stops_cancelled),
+                ("stops_replaced", self.stops_replaced),
+                ("busted_fills", self.busted_fills),
+                ("problems", self.problems),
+                ("lockouts", gate.lockouts),
+                ("rate_warnings", gate.warnings),
+                ("penalties", self.rest.penalties),
+                ("token_requests", self.rest.token_requests),
+                ("token_renewals", self.rest.renewals),
+                ("queued_jobs", self._jobs.qsize()),
             ),
+            self.rest.blocked(),
         )
 
     # -- events -------------------------------------------------------------------------------------
@@ -484,22 +767,36 @@ class TradovateBroker:
         if m.get("e") != "props":
             return
         d = m["d"]
-        entity, kind = d["entity"], d["entityType"]
-        if kind == "order" and int(entity.get("accountId", self.account_id)) == self.account_id:
-            self.book.transition(int(entity["id"]), str(entity["ordStatus"]))
-        elif kind == "fill":
-            self._on_fill(entity)
-        elif kind == "position" and int(entity.get("contractId", 0)) == self.contract_id:
-            self.position = int(entity.get("netPos") or 0)
-            self.net_price = float(entity.get("netPrice") or 0.0)
+        kind = d["entityType"]
+        for entity in entities(d):
+            if kind == "order" and int(entity.get("accountId", self.account_id)) == self.account_id:
+                o = self.book.transition(int(entity["id"]), str(entity["ordStatus"]))
+                if o is not None and o.purpose == "stop" and o.status in TERMINAL:
+                    self._want_sync()  # a stop filled, was cancelled or expired
+                elif o is not None and o.purpose == "stop" and o.status == "Working":
+                    self._want_sync()  # a bracket went live: the old stop, if any, goes
+            elif kind == "fill":
+                self._on_fill(entity)
+            elif kind == "position" and int(entity.get("contractId", 0)) == self.contract_id:
+                self.position = int(entity.get("netPos") or 0)
+                self.net_price = float(entity.get("netPrice") or 0.0)
 
     def _on_fill(self, f: dict[str, Any]) -> None:
         fid = int(f["id"])
-        if fid in self._seen_fills or int(f.get("contractId", self.contract_id)) != self.contract_id:
+        if int(f.get("contractId", self.contract_id)) != self.contract_id:
             return
-        self._seen_fills.add(fid)
+        if f.get("active") is False:
+            self._busted(f)
+            return
+        if fid in self._seen_fills:
+            return
         oid = int(f["orderId"])
         o = self.book.orders.get(oid)
+        if o is None and self._sending:
+            # the fill of the order being sent, ahead of its result: held until the result names it
+            self._early_fills.setdefault(oid, []).append(f)
+            return
+        self._seen_fills.add(fid)
         side = Side.BUY if f["action"] == "Buy" else Side.SELL
         qty = int(f["qty"])
         if o is not None:
@@ -520,10 +817,26 @@ class TradovateBroker:
         self._events.append(fill)
         self.fill_position += int(side) * qty
         if self.fill_position == 0:
-            self.working_stop, self.stop_order_id = None, None
+            self.working_stop = None
+            self._stop_target = None  # the next position's stop comes with it
+        self._want_sync()
         log.info(
             "fill", client_id=cid, order_id=oid, side=int(side), qty=qty, price=fill.price, purpose=purpose
         )
+
+    def _busted(self, f: dict[str, Any]) -> None:
+        """``active: false``: the exchange busted the trade. Never applied; one already applied
+        leaves the position uncertain: a problem (entries halt) and a reconcile."""
+        fid = int(f["id"])
+        self.busted_fills += 1
+        if fid in self._seen_fills:
+            side = 1 if f.get("action") == "Buy" else -1
+            self.fill_position -= side * int(f.get("qty") or 0)
+            log.error("fill_busted_after_applied", fill_id=fid, order_id=f.get("orderId"))
+            self._problem(f"fill {fid} of order {f.get('orderId')} was busted by the exchange")
+        else:
+            self._seen_fills.add(fid)
+            log.warning("fill_busted", fill_id=fid, order_id=f.get("orderId"))
 
     # -- reconciliation -----------------------------------------------------------------------------
     async def reconcile(self, why: str) -> None:
@@ -536,11 +849,16 @@ class TradovateBroker:
         by_order_cid = {int(c["orderId"]): c.get("clOrdId") for c in commands or [] if c.get("orderId")}
         known = self.known_client_ids
         mine = lambda cid: bool(cid) and (cid in known or str(cid).startswith(self.run_tag))  # noqa: E731
+        pos = next((p for p in positions or [] if int(p.get("contractId", 0)) == self.contract_id), None)
+        broker_pos = int(pos.get("netPos") or 0) if pos else 0
         # our orders this process has not tracked yet (placed before a restart, or while a send was
         # ambiguous): take them into the book
         for o in orders or []:
             oid = int(o["id"])
-            if int(o.get("contractId", 0)) != self.contract_id or oid in self.book.orders:
+            if int(o.get("contractId", 0)) != self.contract_id:
+                continue
+            if oid in self.book.orders:
+                self.book.transition(oid, str(o["ordStatus"]))  # a status missed while away
                 continue
             cid = by_order_cid.get(oid) or by_order_cid.get(int(o.get("parentId") or 0))
             if mine(cid):
@@ -551,16 +869,16 @@ class TradovateBroker:
                     f"{cid}-stop" if parent else str(cid),
                     purpose,
                     Side.BUY if o["action"] == "Buy" else Side.SELL,
-                    0,
+                    abs(broker_pos) if purpose == "stop" else 0,
                     str(o["ordStatus"]),
                 )
                 self.book.orders[oid] = tracked
                 if purpose == "stop" and tracked.status not in TERMINAL:
                     self.stop_order_id = oid
-        # fills of our orders not seen yet (while disconnected)
+        # fills of our orders not seen yet (while disconnected); busted ones never count
         for f in sorted(fills or [], key=lambda x: str(x.get("timestamp"))):
             fid = int(f["id"])
-            if fid in self._seen_fills:
+            if fid in self._seen_fills or f.get("active") is False:
                 continue
             if (
                 iso_to_ns(str(f["timestamp"])) <= self.fills_after_ns
@@ -569,8 +887,6 @@ class TradovateBroker:
                 self._seen_fills.add(fid)  # before this run's journal, or not ours: counted below
                 continue
             self._on_fill(f)
-        pos = next((p for p in positions or [] if int(p.get("contractId", 0)) == self.contract_id), None)
-        broker_pos = int(pos.get("netPos") or 0) if pos else 0
         self.position = self.fill_position = broker_pos
         self.net_price = float(pos.get("netPrice") or 0.0) if pos else 0.0
         unknown = [
@@ -592,12 +908,18 @@ class TradovateBroker:
         stop = self._stop_price_of(orders or [])
         if stop is not None:
             self.working_stop = stop
+            if self.stop_order_id is not None and self.stop_order_id in self.book.orders:
+                self.book.orders[self.stop_order_id].price = stop
+        if broker_pos == 0:
+            self.working_stop = None
         self._events.append(
             ReconcileReport(why, broker_pos, self.net_price, self.working_stop, tuple(unknown))
         )
         log.info(
             "broker_report", why=why, position=broker_pos, working=len(self.book.working()), unknown=unknown
         )
+        if self._worker is not None:
+            self._want_sync()  # the position may differ from what the stops were set for
 
     def _stop_price_of(self, orders: list[dict[str, Any]]) -> float | None:
         """The working stop's price as the broker lists it (``stopPrice`` when the list has it)."""

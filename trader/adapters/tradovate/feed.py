@@ -14,8 +14,12 @@ Each :class:`~trader.ports.Batch` carries a kind (:class:`~trader.domain.BatchKi
   so indicators, stops and statistics stay continuous, but enters nothing on them;
 * ``live``: a bar that just completed.
 
-Any drop (socket error, close frame, server silence) leads to a reconnect with exponential
-back-off and jitter (tenacity), a fresh token if needed, re-authorization and re-subscription.
+Any drop (socket error, close frame, a ``shutdown`` event, server silence) leads to a reconnect
+with exponential back-off and jitter (tenacity), re-authorization with the token the broker shares
+(refreshed once, for both sockets, when it is refused) and re-subscription. During a lockout
+(429, captcha) nothing is sent until it ends. ``md/getChart`` refusals (an unknown or expired
+symbol, say) are retried ``chart_error_limit`` times in a row, then the feed fails with the
+server's reason instead of looping.
 """
 
 from __future__ import annotations
@@ -27,10 +31,17 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type
 
 from trader.adapters.tradovate.protocol import iso_to_ns, ns_to_iso
-from trader.adapters.tradovate.rest import RateLimited, TradovateRest, TransientError
+from trader.adapters.tradovate.rest import (
+    AuthError,
+    RateLimited,
+    TradovateError,
+    TradovateRest,
+    TransientError,
+    retry_wait,
+)
 from trader.adapters.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
 from trader.config import Settings
 from trader.domain import Bar, BatchKind, ComponentHealth
@@ -38,7 +49,11 @@ from trader.ports import Batch
 
 log = structlog.get_logger(__name__)
 
-RECONNECTABLE = (SocketClosed, TransientError, RateLimited, RequestFailed)
+RECONNECTABLE = (SocketClosed, TransientError, RateLimited, RequestFailed, AuthError)
+
+
+class ChartRefused(TradovateError):
+    """``md/getChart`` refused ``chart_error_limit`` times in a row: not retried further."""
 
 
 class BarAssembler:
@@ -100,6 +115,7 @@ class TradovateFeed:
         self.malformed = 0
         self.bad_bars = 0
         self.bars_out = 0
+        self.chart_errors = 0  # md/getChart refusals in a row
         self._queue: asyncio.Queue[tuple[str, list[Bar]]] = asyncio.Queue()
         self._socket: TradovateSocket | None = None
         self._hist_id: int | None = None
@@ -125,10 +141,12 @@ class TradovateFeed:
             0.0 if down is None or self.connected else time.monotonic() - down,
             (
                 ("reconnects", self.reconnects),
+                ("chart_errors", self.chart_errors),
                 ("duplicates", self.duplicates),
                 ("out_of_order", self.out_of_order),
                 ("malformed", self.malformed + self.bad_bars),
             ),
+            self.rest.blocked(),
         )
 
     async def open(self) -> None:
@@ -174,11 +192,7 @@ class TradovateFeed:
         while True:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(RECONNECTABLE),
-                wait=wait_exponential_jitter(
-                    multiplier=self.cfg.reconnect_initial_s,
-                    max=self.cfg.reconnect_max_s,
-                    jitter=self.cfg.reconnect_initial_s,
-                ),
+                wait=retry_wait(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s),
                 before_sleep=lambda rs: log.warning(
                     "md_reconnect_wait",
                     attempt=rs.attempt_number,
@@ -198,21 +212,17 @@ class TradovateFeed:
 
     async def _connect_and_subscribe(self) -> None:
         await self._close_socket()
-        tok = self.rest.token
-        if tok is None or tok.expires_at - self.cfg.renew_before_s < _now():
-            await self.rest.renew()
-            tok = self.rest.token
-        assert tok is not None
-        sock = TradovateSocket(self.rest.md_url, self.cfg, "md", self._on_event)
+        self.rest.gate.check("md connect")  # during a lockout: wait, do not knock
+        tok = self.rest.token or await self.rest.authenticate()
+        sock = TradovateSocket(self.rest.md_url, self.cfg, "md", self._on_event, self.rest.gate)
         self._socket = sock
         try:
             await sock.connect(self.rest.session, tok.md_access.get_secret_value())
-        except SocketClosed:
-            raise
-        except Exception:
-            # authorization refused: the token may have been revoked; a fresh one next attempt
-            await self.rest.authenticate()
-            raise SocketClosed("md: authorization refused; re-authenticated") from None
+        except AuthError:
+            # the token was refused (a session closed from outside): one refresh, shared with the
+            # user-data socket, then the next attempt authorizes with it
+            await self.rest.refresh(tok)
+            raise SocketClosed("md: authorization refused; token refreshed") from None
         first = self.assembler.last_ts < 0
         time_range: dict[str, Any] = {"asMuchAsElements": self.cfg.history_bars}
         if not first:
@@ -220,21 +230,22 @@ class TradovateFeed:
         self._history = []
         self._in_history = True
         self._hist_id = self._rt_id = None
-        d = await sock.request(
-            "md/getChart",
-            {
-                "symbol": self.cfg.symbol,
-                "chartDescription": {
-                    "underlyingType": "MinuteBar",
-                    "elementSize": self.bar_s // 60 or 1,
-                    "elementSizeUnit": "UnderlyingUnits",
-                    "withHistogram": False,
-                },
-                "timeRange": time_range,
-            },
-        )
+        try:
+            d = await self._get_chart(sock, time_range)
+        except RequestFailed as exc:
+            self.chart_errors += 1
+            log.warning(
+                "md_chart_refused", symbol=self.cfg.symbol, error=str(exc), in_a_row=self.chart_errors
+            )
+            if self.chart_errors >= self.cfg.chart_error_limit:
+                raise ChartRefused(
+                    f"tradovate.symbol {self.cfg.symbol!r}: md/getChart refused {self.chart_errors} times "
+                    f"in a row: {exc}"
+                ) from None
+            raise
         if not isinstance(d, dict) or "realtimeId" not in d:
             raise RequestFailed("md/getChart", 200, f"no subscription ids in {str(d)[:80]}")
+        self.chart_errors = 0
         self._hist_id, self._rt_id = d.get("historicalId"), d["realtimeId"]
         self.connected = True
         self.disconnected_at = None
@@ -247,6 +258,21 @@ class TradovateFeed:
         )
         if self.on_connect is not None:
             self.on_connect()
+
+    async def _get_chart(self, sock: TradovateSocket, time_range: dict[str, Any]) -> Any:
+        return await sock.request(
+            "md/getChart",
+            {
+                "symbol": self.cfg.symbol,
+                "chartDescription": {
+                    "underlyingType": "MinuteBar",
+                    "elementSize": self.bar_s // 60 or 1,
+                    "elementSizeUnit": "UnderlyingUnits",
+                    "withHistogram": False,
+                },
+                "timeRange": time_range,
+            },
+        )
 
     async def _close_socket(self) -> None:
         sock = self._socket
@@ -303,7 +329,3 @@ class TradovateFeed:
 
     def _last_iso(self) -> str | None:
         return None if self.assembler.last_ts < 0 else ns_to_iso(self.assembler.last_ts)
-
-
-def _now() -> float:
-    return time.time()

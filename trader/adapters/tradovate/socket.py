@@ -5,6 +5,13 @@ The server must send *something* (``h`` heartbeats at least) every ``server_time
 connection is closed and reported as lost, like a dropped one, so the owner reconnects. The client
 sends ``[]`` every ``heartbeat_s`` as the protocol requires. Malformed frames are counted, logged
 and skipped; they never end the connection by themselves.
+
+The server ends a connection with a ``c[code, "reason"]`` frame, and may announce it first with a
+``shutdown`` event (``{"e": "shutdown", "d": {"reasonCode": "Maintenance" | "ConnectionQuotaReached"
+| "IPQuotaReached", "reason": ...}}``, WebSocket message protocol): either closes the connection
+here with the reason, and the owner reconnects with back-off. Requests pass the user's
+:class:`~trader.adapters.tradovate.rest.RequestGate` (the request limits are per user, REST and
+sockets together); ``s: 429`` locks it, ``s: 423`` slows it down.
 """
 
 from __future__ import annotations
@@ -18,7 +25,13 @@ import aiohttp
 import structlog
 
 from trader.adapters.tradovate.protocol import HEARTBEAT, FrameError, encode_request, parse_frame
-from trader.adapters.tradovate.rest import AuthError, PenaltyError, RateLimited, TradovateError
+from trader.adapters.tradovate.rest import (
+    AuthError,
+    PenaltyError,
+    RateLimited,
+    RequestGate,
+    TradovateError,
+)
 from trader.config import TradovateConfig
 
 log = structlog.get_logger(__name__)
@@ -41,8 +54,12 @@ class TradovateSocket:
         cfg: TradovateConfig,
         name: str,
         on_event: Callable[[dict[str, Any]], None],
+        gate: RequestGate | None = None,
     ) -> None:
         self.url, self.cfg, self.name, self.on_event = url, cfg, name, on_event
+        self.gate = gate or RequestGate(cfg)
+        self.shutdown_reason = ""  # the server's shutdown event, if it sent one
+        self._closing = False  # close() called: the end of the connection is ours
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
@@ -72,6 +89,9 @@ class TradovateSocket:
         except RequestFailed as exc:
             await self.close()
             raise AuthError(f"{self.name}: WebSocket authorization refused (status {exc.status})") from None
+        except BaseException:
+            await self.close()
+            raise
         self._heart = asyncio.create_task(self._heartbeat(), name=f"{self.name}-heartbeat")
         log.info("ws_connected", socket=self.name)
 
@@ -82,6 +102,7 @@ class TradovateSocket:
         if ws is None or self.closed.is_set():
             raise SocketClosed(f"{self.name}: not connected")
         while True:
+            await self.gate.wait(f"{self.name} {endpoint}")
             if rid < 0:
                 self._next_id += 1
                 req_id = self._next_id
@@ -101,12 +122,19 @@ class TradovateSocket:
             status = int(resp.get("s", 0))
             data = resp.get("d")
             if status == 429:
-                raise RateLimited(endpoint, 1.0)
+                until = self.gate.lock(f"s:429 on {self.name} {endpoint}")
+                raise RateLimited(f"{self.name}: {endpoint}: status 429 (locked out)", until, lockout=True)
+            if status == 423:
+                until = self.gate.slow(f"s:423 on {self.name} {endpoint}")
+                raise RateLimited(f"{self.name}: {endpoint}: status 423 (slow down)", until, lockout=False)
             if status != 200:
                 raise RequestFailed(endpoint, status, data)
             if isinstance(data, dict) and "p-ticket" in data and isinstance(body, dict):
                 if data.get("p-captcha"):
-                    raise PenaltyError(f"{self.name}: {endpoint}: penalty needs a captcha")
+                    until = self.gate.lock(f"penalty with captcha on {self.name} {endpoint}")
+                    raise PenaltyError(
+                        f"{self.name}: {endpoint}: penalty needs a captcha", until, lockout=True
+                    )
                 await asyncio.sleep(float(data.get("p-time") or 1))
                 body = {**body, "p-ticket": data["p-ticket"]}
                 continue
@@ -146,6 +174,9 @@ class TradovateSocket:
                     return
                 elif frame.kind == "a":
                     for m in frame.messages:
+                        if m.get("e") == "shutdown":
+                            self._shutdown(m.get("d"))
+                            return
                         self._dispatch(m)
         finally:
             self.closed.set()
@@ -156,7 +187,18 @@ class TradovateSocket:
                 self._heart.cancel()
             with contextlib.suppress(Exception):
                 await ws.close()
-            log.warning("ws_disconnected", socket=self.name, reason=self.close_reason)
+            if self._closing:
+                log.info("ws_closed", socket=self.name)
+            else:
+                log.warning("ws_disconnected", socket=self.name, reason=self.close_reason)
+
+    def _shutdown(self, d: object) -> None:
+        code = reason = ""
+        if isinstance(d, dict):
+            code, reason = str(d.get("reasonCode") or ""), str(d.get("reason") or "")
+        self.shutdown_reason = f"{code} {reason}".strip() or "no reason given"
+        self.close_reason = f"server shutdown: {self.shutdown_reason}"
+        log.warning("ws_server_shutdown", socket=self.name, reason_code=code, reason=reason)
 
     def _dispatch(self, m: dict[str, Any]) -> None:
         if "i" in m and "s" in m:
@@ -183,6 +225,7 @@ class TradovateSocket:
                 await ws.send_str(HEARTBEAT)
 
     async def close(self) -> None:
+        self._closing = True
         for t in (self._heart, self._reader):
             if t is not None and not t.done():
                 t.cancel()
