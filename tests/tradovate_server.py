@@ -126,6 +126,7 @@ class FakeTradovate:
         self.socket_session: dict[web.WebSocketResponse, int] = {}
         self._success_shape = itertools.cycle((True, False))  # failureReason "Success" or absent
         self._array_shape = itertools.cycle((False, True))  # props entity: object or array
+        self._fill_after_answer = itertools.cycle((False, True))  # market fills before/after the answer
         self.token_requests = 0
         self.renewals = 0
         self.requests: list[tuple[str, str, Any]] = []  # (method, path, body) every REST call
@@ -260,6 +261,7 @@ class FakeTradovate:
         if f.http_429.get(path, 0) > 0:
             f.http_429[path] -= 1
             self._lock_out()
+            return web.Response(status=429, text=_THROTTLE_TEXT[429])
         throttled = self._throttle()
         if throttled is not None:
             return web.Response(status=throttled, text=_THROTTLE_TEXT[throttled])
@@ -516,6 +518,11 @@ class FakeTradovate:
             return {"failureReason": "InvalidContract", "failureText": "unknown contract or account"}
         if b.get("isAutomated") is not True:
             return {"failureReason": "UnknownReason", "failureText": "isAutomated must be true"}
+        if b["orderType"] == "Stop" and self._through_market(b["action"], b.get("stopPrice")):
+            return {
+                "failureReason": "InvalidPrice",
+                "failureText": "Stop price is on the wrong side of the market",
+            }
         if self.faults.reject_orders > 0:
             self.faults.reject_orders -= 1
             return {"failureReason": "MaxPosLimitReached", "failureText": "Max position limit reached"}
@@ -528,8 +535,22 @@ class FakeTradovate:
         o = self._new_order(b)
         self._status(o, "Working")
         if b["orderType"] == "Market":
-            self._fill_market(o)
+            self._fill_soon(o)
         return self._ok({"orderId": o["id"]})
+
+    def _fill_soon(self, o: dict[str, Any]) -> None:
+        """A market order fills at once: its events reach the client before the answer or just
+        after it (both happen on the real servers)."""
+        if next(self._fill_after_answer):
+            asyncio.get_running_loop().call_later(0.03, self._fill_market, o)
+        else:
+            self._fill_market(o)
+
+    def _through_market(self, action: str, stop: Any) -> bool:
+        """A stop on the wrong side of the market (a sell stop at or above it): refused."""
+        if stop is None:
+            return False
+        return float(stop) >= self.price if action == "Sell" else float(stop) <= self.price
 
     def _ok(self, result: dict[str, Any]) -> dict[str, Any]:
         """A successful result in one of its documented shapes (with failureReason "Success" or
@@ -547,7 +568,7 @@ class FakeTradovate:
         self._status(child, "Suspended")  # sent once the entry fills
         self._status(o, "Working")
         if b["orderType"] == "Market":
-            self._fill_market(o)
+            self._fill_soon(o)
         return self._ok({"orderId": o["id"], "oso1Id": child["id"]})
 
     def _fill_market(self, o: dict[str, Any]) -> None:
@@ -604,6 +625,11 @@ class FakeTradovate:
         if o is None:
             return {"failureReason": "UnknownReason", "failureText": "order is not working"}
         v = self.versions[o["id"]]
+        if v["orderType"] == "Stop" and self._through_market(o["action"], b.get("stopPrice")):
+            return {
+                "failureReason": "InvalidPrice",
+                "failureText": "Stop price is on the wrong side of the market",
+            }
         for k in ("orderQty", "orderType", "stopPrice"):
             if k in b:
                 v[k] = b[k]

@@ -296,7 +296,7 @@ def test_bracket_entry_fills_then_the_stop_is_moved_and_cancelled(fake):
 
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-5-0"))
-        await h.pump(lambda: h.position == 1)
+        await h.pump(lambda: h.position == 1 and stop_live(h))
         assert h.broker.working_stop == fake.placed("/order/placeoso")[0]["bracket1"]["stopPrice"]
         sid = h.broker.stop_order_id
         assert sid is not None and fake.orders[sid]["ordStatus"] == "Working"
@@ -374,6 +374,7 @@ def test_an_order_while_another_is_in_flight_is_not_sent(fake):
 
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-6-0"))
+        await h.pump(lambda: h.position == 1)
         assert await h.broker.settle(5)
         # as if its fill had not arrived yet: a second entry now could double the position
         first = h.broker.book.orders[h.broker.book.by_client["run00001-6-0"]]
@@ -475,6 +476,12 @@ def test_fills_missed_while_disconnected_are_picked_up_once_on_reconnect(fake):
 # -- the real servers' shapes and limits (issue 14) ----------------------------------------------------
 
 
+def stop_live(h: Harness) -> bool:
+    """The broker knows its bracket stop is working (its entry filled and the server said so)."""
+    sid = h.broker.stop_order_id
+    return sid is not None and h.broker.book.orders[sid].status == "Working"
+
+
 def working_stops(fake: FakeTradovate) -> list[dict[str, Any]]:
     return [
         o
@@ -492,7 +499,7 @@ def test_success_results_are_accepted_in_both_shapes_and_stop_updates_keep_one_s
     async def body(h: Harness) -> None:
         for n in range(3):  # the server alternates the two success shapes
             await h.broker.submit(entry(f"run00001-{10 + n}-0"))
-            await h.pump(lambda: h.position == 1)
+            await h.pump(lambda: h.position == 1 and stop_live(h))
             for k in range(3):
                 await h.broker.set_stop(h.broker.working_stop + 0.25 * (k + 1))
                 assert await h.broker.settle(5)
@@ -558,7 +565,7 @@ def test_the_protective_stop_outlives_the_session_close(fake, tif):
 
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-5-0"))
-        await h.pump(lambda: h.position == 1)
+        await h.pump(lambda: h.position == 1 and stop_live(h))
         price = h.broker.working_stop
         expired = fake.session_end()
         assert bool(expired) == (tif == "Day")
@@ -599,13 +606,15 @@ def test_an_exit_cancels_the_bracket_stop_so_it_cannot_open_a_position_later(fak
 
 
 def test_a_reversal_leaves_one_stop_on_the_new_side(fake):
+    """The planner's reversal: an exit and a new entry in the same bar. The entry waits for the
+    exit's fill (which may come after the exit's answer), then one stop on the new side."""
     h = Harness(fake)
 
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-30-0"))
         await h.pump(lambda: h.position == 1)
-        rev = OrderIntent("run00001-31-0", Side.SELL, 2, OrderKind.MARKET, "reverse", 40)
-        await h.broker.submit(rev)
+        await h.broker.submit(OrderIntent("run00001-31-0", Side.SELL, 1, OrderKind.MARKET, "exit"))
+        await h.broker.submit(OrderIntent("run00001-31-1", Side.SELL, 1, OrderKind.MARKET, "reverse", 40))
         await h.pump(lambda: h.position == -1)
         await h.pump(lambda: len(working_stops(fake)) == 1)
         assert await h.broker.settle(5)
@@ -613,6 +622,57 @@ def test_a_reversal_leaves_one_stop_on_the_new_side(fake):
     run_harness(h, body)
     (stop,) = working_stops(fake)
     assert stop["action"] == "Buy" and fake.versions[stop["id"]]["orderQty"] == 1
+    assert h.broker.rejects == 0
+
+
+def test_a_refused_stop_move_is_not_sent_again_and_the_old_stop_stays_known(fake):
+    """A stop moved through the market is refused (InvalidPrice): the broker reports it once,
+    keeps the stop that is really working, and does not resend the same move in a loop."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-90-0"))
+        await h.pump(lambda: h.position == 1 and stop_live(h))
+        assert await h.broker.settle(5)
+        old = h.broker.working_stop
+        await h.broker.set_stop(fake.price + 5.0)  # above the market for a long: refused
+        await h.pump(lambda: any(isinstance(e, ReconcileReport) and e.why == "problem" for e in h.events))
+        await asyncio.sleep(1.5)
+        assert await h.broker.settle(5)
+        h.drain()
+        assert h.broker.working_stop == old
+        (stop,) = working_stops(fake)
+        assert fake.versions[stop["id"]]["stopPrice"] == old
+
+    run_harness(h, body)
+    assert len(fake.placed("/order/modifyorder")) == 1
+    assert len([e for e in h.events if isinstance(e, BrokerProblem)]) == 1
+    report = [e for e in h.events if isinstance(e, ReconcileReport) and e.why == "problem"][-1]
+    assert report.working_stop == h.broker.working_stop  # the engine is told the real stop
+
+
+def test_a_bracket_stop_filled_before_the_entrys_answer_is_not_lost(fake):
+    """The entry fills, its bracket stop triggers and fills, all before the placeoso answer
+    arrives: both fills reach the portfolio and no stop is placed for a position that is gone."""
+    fake.slow_s = 0.6
+    fake.faults.slow_after_execute["/order/placeoso"] = 1
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await h.broker.submit(entry("run00001-95-0"))
+        await asyncio.sleep(0.25)  # executed; the answer is still on its way
+        child = next(o for o in fake.orders.values() if o["parentId"] is not None)
+        stop = fake.versions[child["id"]]["stopPrice"]
+        fake.call(lambda: fake._check_stops({"low": stop - 1, "high": stop, "close": stop - 1}))
+        await h.pump(lambda: len(h.fills) == 2)
+        assert await h.broker.settle(5)
+        await asyncio.sleep(0.3)
+        h.drain()
+
+    run_harness(h, body)
+    assert h.position == 0 and fake.net_pos == 0 and h.broker.fill_position == 0
+    assert [f.purpose for f in h.fills] == ["entry", "stop"]
+    assert working_stops(fake) == [] and not fake.placed("/order/placeorder")
 
 
 def test_broker_calls_return_at_once_and_retries_run_beside_the_bar_loop(fake):
@@ -622,7 +682,7 @@ def test_broker_calls_return_at_once_and_retries_run_beside_the_bar_loop(fake):
 
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-40-0"))
-        await h.pump(lambda: h.position == 1)
+        await h.pump(lambda: h.position == 1 and stop_live(h))
         assert await h.broker.settle(5)
         fake.faults.http_5xx["/order/modifyorder"] = 3
         fake.faults.response_delay_s = 0.3
@@ -643,7 +703,7 @@ def test_a_429_locks_out_halts_entries_keeps_the_stop_and_resumes_by_itself(fake
 
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-50-0"))
-        await h.pump(lambda: h.position == 1)
+        await h.pump(lambda: h.position == 1 and stop_live(h))
         assert await h.broker.settle(5)
         stop_id, price = h.broker.stop_order_id, h.broker.working_stop
         fake.faults.http_429["/order/modifyorder"] = 1

@@ -130,6 +130,11 @@ class OrderBook:
         self._early: dict[int, list[str]] = {}
 
     def add(self, o: TrackedOrder) -> None:
+        old = self.orders.get(o.order_id)
+        if old is not None:  # taken in by a reconcile meanwhile: keep what it learned
+            o.filled = max(o.filled, old.filled)
+            if old.status != "Sent":
+                o.status = old.status
         self.orders[o.order_id] = o
         self.by_client[o.client_id] = o.order_id
         log.info("order_state", client_id=o.client_id, order_id=o.order_id, purpose=o.purpose, to=o.status)
@@ -242,7 +247,9 @@ class TradovateBroker:
         self._watcher: asyncio.Task[None] | None = None
         self._jobs: asyncio.Queue[tuple[str, Job]] = asyncio.Queue()
         self._sync_queued = False
-        self._after_lockout = False
+        self._resync = False  # a limit stopped a job: reconcile and resync when it has passed
+        self._reconcile_queued = False
+        self._fill_seq = 0  # fills applied (a reconcile notices fills that arrive during it)
         self._blocked_sent = ""
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -341,8 +348,8 @@ class TradovateBroker:
             ):
                 with attempt:
                     await self._connect()
-                    await self.reconcile("reconnect")
-            self._want_sync()
+            # on the worker, like every other broker call: never beside a send in progress
+            self._queue_reconcile("reconnect")
 
     # -- the worker ---------------------------------------------------------------------------------
     def _queue(self, label: str, job: Job) -> None:
@@ -364,8 +371,7 @@ class TradovateBroker:
             except asyncio.CancelledError:
                 raise
             except RateLimited as exc:
-                if exc.lockout:
-                    self._after_lockout = True
+                self._resync = True  # redone when the limit has passed
                 log.error("broker_job_not_sent", job=label, error=str(exc))
             except Exception as exc:
                 self._problem(f"{label}: {type(exc).__name__}: {exc}")
@@ -373,29 +379,40 @@ class TradovateBroker:
             finally:
                 self._jobs.task_done()
 
+    def _limited(self) -> bool:
+        """A lockout or a 423 back-off is in force: nothing can be sent now."""
+        now, gate = time.monotonic(), self.rest.gate
+        return now < gate.locked_until or now < gate.slow_until
+
     async def _watch_lockout(self) -> None:
-        """Once a second: when a lockout that stopped a job has ended, reconcile (what happened
-        meanwhile) and put the stop right; entries resume with the cleared block."""
+        """Once a second: when a limit (lockout, 423 back-off) stopped a job, reconcile once it
+        has passed (what happened meanwhile) and put the stop right; entries resume with the
+        cleared block."""
         while True:
             await asyncio.sleep(1.0)
-            if self._after_lockout and not self.rest.gate.blocked() and self.connected:
-                self._after_lockout = False
-                log.info("tradovate_lockout_over_reconciling")
-                self._queue("reconcile", self._reconcile_after_lockout)
+            if self._resync and not self._limited() and self.connected:
+                self._resync = False
+                log.info("tradovate_limit_over_reconciling")
+                self._queue_reconcile("lockout_end")
 
-    async def _reconcile_after_lockout(self) -> None:
-        try:
-            await self.reconcile("lockout_end")
-        except RateLimited as exc:
-            self._after_lockout = exc.lockout
-            raise
+    def _queue_reconcile(self, why: str) -> None:
+        """A reconcile on the worker; at most one waiting at a time (problems can come in bursts)."""
+        if self._reconcile_queued:
+            return
+        self._reconcile_queued = True
+
+        async def job() -> None:
+            self._reconcile_queued = False
+            await self.reconcile(why)
+
+        self._queue("reconcile", job)
 
     def _problem(self, text: str) -> None:
         """Something left the broker's state uncertain: entries halt until a reconcile agrees,
         and one is queued now."""
         self.problems += 1
         self._events.append(BrokerProblem(text))
-        self._queue("reconcile", lambda: self.reconcile("problem"))
+        self._queue_reconcile("problem")
 
     # -- orders -------------------------------------------------------------------------------------
     def in_flight(self) -> list[TrackedOrder]:
@@ -414,31 +431,44 @@ class TradovateBroker:
         bar = self._bar_seq
         self._queue(f"order {intent.client_id}", lambda: self._send_order(intent, stop_price, bar))
 
+    def _stale(self, cid: str, bar: int | None) -> bool:
+        """A newer bar arrived before this order could go out (the worker was busy with a retry):
+        the decision was made on prices that are gone, and the engine decides again on this bar."""
+        if bar is None or bar == self._bar_seq:
+            return False
+        log.warning("order_not_sent_stale", client_id=cid, bars_late=self._bar_seq - bar)
+        self._refused(cid, f"not sent: decided {self._bar_seq - bar} bar(s) ago")
+        return True
+
     async def _send_order(self, intent: OrderIntent, stop_price: float | None, bar: int) -> None:
-        if bar != self._bar_seq:
-            # a newer bar arrived before this could go out (the worker was busy with a retry):
-            # the decision was made on prices that are gone; the engine decides again on this bar
-            log.warning("order_not_sent_stale", client_id=intent.client_id, bars_late=self._bar_seq - bar)
-            self._refused(intent.client_id, f"not sent: decided {self._bar_seq - bar} bar(s) ago")
+        cid = intent.client_id
+        # a market order sent just before (an exit ahead of a same-bar entry) is still filling:
+        # wait for its fill, briefly, rather than act on a position that is about to change
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while self.in_flight() and time.monotonic() < deadline and bar == self._bar_seq:
+            await asyncio.sleep(0.02)
+        if self._stale(cid, bar):
             return
         busy = self.in_flight()
         if busy:
             # the position is about to change: acting on the old one could double it
-            log.warning("order_skipped_in_flight", client_id=intent.client_id, waiting_for=busy[0].client_id)
-            self._events.append(OrderRejected(intent.client_id, f"not sent: {busy[0].client_id} in flight"))
+            log.warning("order_skipped_in_flight", client_id=cid, waiting_for=busy[0].client_id)
+            self._refused(cid, f"not sent: {busy[0].client_id} in flight")
             return
         qty = intent.qty
         sgn = int(intent.side)
         if intent.purpose.startswith("exit"):
             # exits close what the broker holds now, never more (a stop may have closed it already)
-            qty = min(qty, abs(self.position)) if self.position * sgn < 0 else 0
+            held = self.fill_position
+            qty = min(qty, abs(held)) if held * sgn < 0 else 0
             if qty == 0:
-                log.info("exit_skipped_flat", client_id=intent.client_id)
+                log.info("exit_skipped_flat", client_id=cid)
+                self._refused(cid, "not sent: the broker's position is already flat")
                 return
         body: dict[str, Any] = {
             "accountSpec": self.account_spec,
             "accountId": self.account_id,
-            "clOrdId": intent.client_id,
+            "clOrdId": cid,
             "action": "Buy" if sgn > 0 else "Sell",
             "symbol": self.cfg.symbol,
             "orderQty": qty,
@@ -456,29 +486,48 @@ class TradovateBroker:
                 "timeInForce": self.cfg.stop_time_in_force,
             }
             path = "/order/placeoso"
+        result = await self._sending_new(path, body, bar)
+        if result is None:
+            self._flush_early_fills()
+            return
+        if result.get("oso1Id"):
+            stop_side = Side.SELL if sgn > 0 else Side.BUY
+            self._track_stop(
+                int(result["oso1Id"]),
+                f"{cid}-stop",
+                stop_side,
+                qty,
+                stop_price,
+                parent=int(result["orderId"]),
+            )
+            self._stop_target = stop_price
+        self.book.add(TrackedOrder(int(result["orderId"]), cid, intent.purpose, intent.side, qty))
+        self._flush_early_fills()
+
+    async def _sending_new(self, path: str, body: dict[str, Any], bar: int | None) -> dict[str, Any] | None:
+        """:meth:`_place_new` with the fills that arrive before its answer held for it."""
         self._sending = True
         try:
-            result = await self._place_new(path, body)
-            if result is None:
-                return
-            if result.get("oso1Id"):
-                stop_side = Side.SELL if sgn > 0 else Side.BUY
-                self._track_stop(
-                    int(result["oso1Id"]),
-                    f"{intent.client_id}-stop",
-                    stop_side,
-                    qty,
-                    stop_price,
-                    parent=int(result["orderId"]),
-                )
-                self._stop_target = stop_price
-            self.book.add(
-                TrackedOrder(int(result["orderId"]), intent.client_id, intent.purpose, intent.side, qty)
-            )
+            return await self._place_new(path, body, bar)
+        except BaseException:
+            self._sending = False
+            self._flush_early_fills()
+            raise
         finally:
             self._sending = False
-        for f in self._early_fills.pop(int(result["orderId"]), ()):
-            self._on_fill(f)
+
+    def _flush_early_fills(self) -> None:
+        """Fills held while a send was in progress: those of orders now known are applied; any
+        other (another app's order, a send that failed) is applied as an outside fill and checked
+        by a reconcile, never dropped."""
+        held, self._early_fills = self._early_fills, {}
+        strangers = False
+        for oid, fills in held.items():
+            strangers = strangers or oid not in self.book.orders
+            for f in fills:
+                self._on_fill(f)
+        if strangers:
+            self._queue_reconcile("fills_of_unknown_orders")
 
     def _track_stop(
         self,
@@ -493,12 +542,17 @@ class TradovateBroker:
         self.stop_order_id = order_id
         self.working_stop = price
 
-    async def _place_new(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """Send a new order at most once in effect. Returns the result, or None if refused."""
+    async def _place_new(
+        self, path: str, body: dict[str, Any], bar: int | None = None
+    ) -> dict[str, Any] | None:
+        """Send a new order at most once in effect. Returns the result, or None if refused or
+        not sent. ``bar``: the bar it was decided on (an entry or exit is not sent late)."""
         cid = body["clOrdId"]
         if cid in self.known_client_ids:
             # journaled before a restart (a bar that failed after sending): placed already?
-            found = await self._find_placed(cid)
+            known, found = await self._lookup(cid)
+            if not known:
+                return None
             if found is not None:
                 self.adopted_orders += 1
                 log.warning("order_found_from_before_restart", client_id=cid, order_id=found)
@@ -508,17 +562,21 @@ class TradovateBroker:
         while True:
             attempt += 1
             pause = min(2.0, 0.2 * 2 ** (attempt - 1))
+            if self._stale(cid, bar):
+                return None
             try:
                 r = await self.rest.post(path, body)
             except RateLimited as exc:  # not executed
                 if exc.lockout or exc.retry_at > deadline:
                     self._refused(cid, f"not sent: {exc}")
-                    return None
+                    raise  # the worker resyncs once the limit has passed
                 pause = max(pause, exc.retry_at - time.monotonic())
             except TransientError as exc:
                 log.warning("order_send_failed", client_id=cid, error=str(exc), ambiguous=exc.ambiguous)
                 if exc.ambiguous:
-                    found = await self._find_placed(cid)
+                    known, found = await self._lookup(cid)
+                    if not known:
+                        return None
                     if found is not None:
                         self.adopted_orders += 1
                         log.warning("order_found_after_ambiguous_send", client_id=cid, order_id=found)
@@ -532,7 +590,9 @@ class TradovateBroker:
                     return None
                 if not r.get("orderId"):
                     # a success without an order id: look the client id up rather than guess
-                    found = await self._find_placed(cid)
+                    known, found = await self._lookup(cid)
+                    if not known:
+                        return None
                     if found is None:
                         self._refused(cid, f"accepted without an orderId and not found: {str(r)[:120]}")
                         return None
@@ -544,18 +604,26 @@ class TradovateBroker:
                 return None
             await asyncio.sleep(pause)
 
+    async def _lookup(self, cid: str) -> tuple[bool, int | None]:
+        """(known, order id) from :meth:`_find_placed`; not known when the broker cannot say: then
+        the order is never sent again (it may be working); a problem halts entries and a
+        reconcile takes it into the book by its client id if it was placed."""
+        try:
+            return True, await self._find_placed(cid)
+        except TradovateError as exc:
+            log.error("order_lookup_failed", client_id=cid, error=str(exc))
+            self._problem(f"order {cid}: sent, outcome unknown (lookup failed: {exc}); not sent again")
+            return False, None
+
     def _bracket_of(self, order_id: int) -> dict[str, Any]:
         child = self._children.get(order_id)
         return {"oso1Id": child} if child else {}
 
     async def _find_placed(self, client_id: str) -> int | None:
-        """Was an order with this client id placed? (``command/list`` carries ``clOrdId``.)"""
-        try:
-            commands = await self.rest.get("/command/list")
-            orders = await self.rest.get("/order/list")
-        except TradovateError as exc:
-            log.warning("order_lookup_failed", client_id=client_id, error=str(exc))
-            return None
+        """Was an order with this client id placed? (``command/list`` carries ``clOrdId``.)
+        Raises when the broker cannot be asked."""
+        commands = await self.rest.get("/command/list")
+        orders = await self.rest.get("/order/list")
         for c in commands or []:
             if c.get("clOrdId") == client_id and c.get("orderId"):
                 oid = int(c["orderId"])
@@ -576,18 +644,28 @@ class TradovateBroker:
             "admin": False,
             "isAutomated": True,
         }
-        r = await self.rest.retrying(lambda: self.rest.post("/order/liquidateposition", body), safe=True)
+        self._sending = True
+        try:
+            r = await self.rest.retrying(lambda: self.rest.post("/order/liquidateposition", body), safe=True)
+        except TradovateError as exc:
+            self._refused(intent.client_id, f"liquidation not sent: {exc}")
+            self._problem(f"flatten {intent.client_id} could not be sent: {exc}")
+            if isinstance(exc, RateLimited):
+                self._resync = True
+            return
+        finally:
+            self._sending = False
         if not accepted(r):
             self._refused(intent.client_id, f"liquidation refused: {refusal(r)}")
             self._problem(f"flatten {intent.client_id} refused by the broker: {refusal(r)}")
+            self._flush_early_fills()
             return
         oid = r.get("orderId")
         if oid:
             self.book.add(
-                TrackedOrder(int(oid), intent.client_id, intent.purpose, intent.side, abs(self.position))
+                TrackedOrder(int(oid), intent.client_id, intent.purpose, intent.side, abs(self.fill_position))
             )
-            for f in self._early_fills.pop(int(oid), ()):
-                self._on_fill(f)
+        self._flush_early_fills()
         log.warning("position_liquidated", client_id=intent.client_id, reason=intent.purpose, order_id=oid)
 
     async def set_stop(self, stop_price: float | None) -> None:
@@ -627,7 +705,10 @@ class TradovateBroker:
 
     async def _sync_stops(self) -> None:
         """Make the broker hold exactly the stop the position needs (see the module docstring)."""
-        if self._socket is None or self.rest.gate.blocked().startswith("tradovate lockout"):
+        if self._socket is None:
+            return
+        if self._limited():
+            self._resync = True  # redone when the limit has passed
             return
         pos = self.fill_position
         closing = Side.SELL if pos > 0 else Side.BUY
@@ -658,9 +739,15 @@ class TradovateBroker:
                 "timeInForce": self.cfg.stop_time_in_force,
                 "isAutomated": True,
             }
-            if await self._safe("/order/modifyorder", body):
+            outcome = await self._safe("/order/modifyorder", body)
+            if outcome == "ok":
                 keep.price, keep.qty = target, abs(pos)
                 self.working_stop = target
+            elif outcome == "refused":
+                # not applied (a stop through the market, say): the working stop is the old one,
+                # and the engine hears so from the reconcile the problem queued; not sent again
+                self._stop_target = keep.price
+                self.working_stop = keep.price
 
     async def _place_stop(self, price: float, side: Side, qty: int) -> None:
         self._stop_seq += 1
@@ -677,38 +764,42 @@ class TradovateBroker:
             "timeInForce": self.cfg.stop_time_in_force,
             "isAutomated": True,
         }
-        r = await self._place_new("/order/placeorder", body)
-        if r is not None:
+        r = await self._sending_new("/order/placeorder", body, None)
+        if r is None:
+            self._flush_early_fills()
+        else:
             self._track_stop(int(r["orderId"]), cid, side, qty, price)
+            self._flush_early_fills()
             self.stops_replaced += 1  # a stop placed on its own: the bracket's was missing
             log.info("stop_placed", client_id=cid, order_id=r["orderId"], price=price, qty=qty)
 
     async def _cancel(self, o: TrackedOrder, why: str) -> None:
         # refused = it is no longer working (filled or cancelled meanwhile): what a cancel wants,
         # unless it filled, which its fill event says; a reconcile checks either way
-        ok = await self._safe("/order/cancelorder", {"orderId": o.order_id, "isAutomated": True}, False)
-        log.info("stop_cancel", order_id=o.order_id, client_id=o.client_id, why=why, ok=ok)
+        outcome = await self._safe("/order/cancelorder", {"orderId": o.order_id, "isAutomated": True}, False)
+        log.info("stop_cancel", order_id=o.order_id, client_id=o.client_id, why=why, outcome=outcome)
 
-    async def _safe(self, path: str, body: dict[str, Any], refusal_is_problem: bool = True) -> bool:
+    async def _safe(self, path: str, body: dict[str, Any], refusal_is_problem: bool = True) -> str:
         """A request that is safe to repeat (modify, cancel): retried on transient errors and a
         423; a failure (and, for a modify, a refusal) raises a problem (entries halt until a
-        reconcile agrees) rather than a guess."""
+        reconcile agrees) rather than a guess. Returns "ok", "refused" or "failed"; a limit
+        (lockout, 423 beyond the retry time) is raised for the worker to resync after it."""
         try:
             r = await self.rest.retrying(lambda: self.rest.post(path, body), safe=True)
         except RateLimited:
             raise
         except TradovateError as exc:
             self._problem(f"{path} for order {body.get('orderId')} failed: {exc}")
-            return False
+            return "failed"
         if not accepted(r):
             # the order may have just filled or been cancelled: the reconcile will tell
             log.warning("order_request_refused", path=path, order_id=body.get("orderId"), reason=refusal(r))
             if refusal_is_problem:
                 self._problem(f"{path} for order {body.get('orderId')} refused: {refusal(r)}")
             else:
-                self._queue("reconcile", lambda: self.reconcile("refused"))
-            return False
-        return True
+                self._queue_reconcile("refused")
+            return "refused"
+        return "ok"
 
     async def flatten_now(self, intent: OrderIntent, last_bar: Bar) -> None:
         """Between bars (the service stopping): liquidate and wait for it (bounded)."""
@@ -769,7 +860,11 @@ class TradovateBroker:
         d = m["d"]
         kind = d["entityType"]
         for entity in entities(d):
-            if kind == "order" and int(entity.get("accountId", self.account_id)) == self.account_id:
+            if (
+                kind == "order"
+                and int(entity.get("accountId", self.account_id)) == self.account_id
+                and int(entity.get("contractId", self.contract_id)) == self.contract_id
+            ):
                 o = self.book.transition(int(entity["id"]), str(entity["ordStatus"]))
                 if o is not None and o.purpose == "stop" and o.status in TERMINAL:
                     self._want_sync()  # a stop filled, was cancelled or expired
@@ -815,6 +910,7 @@ class TradovateBroker:
             purpose,
         )
         self._events.append(fill)
+        self._fill_seq += 1
         self.fill_position += int(side) * qty
         if self.fill_position == 0:
             self.working_stop = None
@@ -832,6 +928,7 @@ class TradovateBroker:
         if fid in self._seen_fills:
             side = 1 if f.get("action") == "Buy" else -1
             self.fill_position -= side * int(f.get("qty") or 0)
+            self._fill_seq += 1
             log.error("fill_busted_after_applied", fill_id=fid, order_id=f.get("orderId"))
             self._problem(f"fill {fid} of order {f.get('orderId')} was busted by the exchange")
         else:
@@ -844,7 +941,14 @@ class TradovateBroker:
         orders = await self.rest.get("/order/list")
         fills = await self.rest.get("/fill/list")
         commands = await self.rest.get("/command/list")
+        seq = self._fill_seq
         positions = await self.rest.get("/position/list")  # last: no fill lands after it unseen
+        if self._fill_seq != seq:
+            # a fill arrived while the position was being read: it may or may not be in it, so
+            # this snapshot cannot be trusted; read again rather than guess
+            log.info("reconcile_raced_a_fill", why=why)
+            self._queue_reconcile(why)
+            return
         self.reconciles += 1
         by_order_cid = {int(c["orderId"]): c.get("clOrdId") for c in commands or [] if c.get("orderId")}
         known = self.known_client_ids

@@ -333,8 +333,9 @@ class TradovateRest:
             if current is not None:
                 try:
                     return await self._renew_locked()
-                except (AuthError, TransientError, RejectedError) as exc:
+                except (AuthError, RejectedError) as exc:  # refused: the session is gone
                     log.warning("tradovate_token_renewal_failed", error=type(exc).__name__)
+                # a timeout or 5xx is raised: the caller retries; a new session would close one
             return await self._request_token()
 
     async def _request_token(self) -> Token:
@@ -391,11 +392,12 @@ class TradovateRest:
         )
 
     async def renew(self) -> Token:
-        """GET /auth/renewaccesstoken; a new access token request only if renewal is refused."""
+        """GET /auth/renewaccesstoken; a new access token request only if renewal is refused
+        (a timeout or 5xx is raised and retried later: a new token would open a new session)."""
         async with self._auth_lock:
             try:
                 return await self._renew_locked()
-            except (AuthError, TransientError, RejectedError) as exc:
+            except (AuthError, RejectedError) as exc:
                 log.warning("tradovate_token_renewal_failed", error=type(exc).__name__)
                 return await self._request_token()
 
