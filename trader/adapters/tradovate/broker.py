@@ -249,6 +249,7 @@ class TradovateBroker:
         self._sync_queued = False
         self._resync = False  # a limit stopped a job: reconcile and resync when it has passed
         self._reconcile_queued = False
+        self._reconcile_why = ""
         self._fill_seq = 0  # fills applied (a reconcile notices fills that arrive during it)
         self._blocked_sent = ""
 
@@ -291,6 +292,15 @@ class TradovateBroker:
         """Finish the queued jobs (bounded), then stop the worker, the supervisor and the socket."""
         if not await self.settle(self.cfg.order_retry_s + 2 * self.cfg.request_timeout_s):
             log.error("broker_jobs_unfinished_at_stop", queued=self._jobs.qsize())
+        # a market order just sent fills at once, but its fill can come after the answer: wait
+        # for it (bounded) so the journal gets it now rather than at the next start's reconcile
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while self.in_flight() and self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.in_flight():
+            log.warning(
+                "broker_stopped_with_orders_in_flight", orders=[o.client_id for o in self.in_flight()]
+            )
         for name in ("_worker", "_watcher", "_supervisor"):
             task = getattr(self, name)
             if task is not None:
@@ -397,13 +407,14 @@ class TradovateBroker:
 
     def _queue_reconcile(self, why: str) -> None:
         """A reconcile on the worker; at most one waiting at a time (problems can come in bursts)."""
+        self._reconcile_why = why  # the latest reason names the one waiting
         if self._reconcile_queued:
             return
         self._reconcile_queued = True
 
         async def job() -> None:
             self._reconcile_queued = False
-            await self.reconcile(why)
+            await self.reconcile(self._reconcile_why)
 
         self._queue("reconcile", job)
 
