@@ -8,9 +8,13 @@ that exist to simulate waiting:
 
 * ``sync``: ask and wait, answer usable on the same bar (deterministic, slow);
 * ``async`` (replay, bar timing): an answer is usable from the first bar whose time is at least
-  ask time + measured latency: what live trading would have seen. The replay waits (wall time)
-  only as long as that simulated time allows; the wait is reported so it is not counted as
-  decision latency;
+  ask time + its latency (from the question to the answer, waiting behind an abandoned query
+  included): what live trading would have seen. At each bar the replay waits (wall time) only
+  until the answer's wall time catches up with the bar's simulated time since the question, and
+  never past the query timeout: once ``query_timeout_s`` of simulated time has passed without an
+  answer, the query is abandoned there, as live would have. So a bar never waits longer than the
+  simulated time between it and the bar before, however slow the backend; the wait is reported
+  (``sim_wait_s``) so it is not counted as decision latency;
 * ``async`` (live/paper, wall timing): usable as soon as it is finished;
 * ``recorded``: answers come from an earlier journal by prompt hash, usable when the earlier run
   could use them; a missing answer is an error or a counted miss (``on_recorded_miss``).
@@ -21,10 +25,17 @@ the first reason that applies: RL uncertain (confidence < threshold), flat (an e
 or plain interval. Without selective querying: every bar. Only when the advice can act (inside
 the entry window or with a position open) if ``only_when_actionable``. At most one query is in
 flight; a trigger while busy is counted as skipped.
+
+Answers are untrusted input. Their text is capped at ``ANSWER_MAX_CHARS`` (a longer answer is
+counted as truncated, journaled cut and marked, and is no advice) and parsed in the worker
+thread, so the bar path never runs over a long answer. An answer that cannot be read
+(unparseable, truncated, failed, timed out) clears the cached advice: the previous answer is not
+left in force, since the model has since been asked again and did not confirm it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -40,8 +51,8 @@ from trader.domain import ACTION_NAMES, Advice, PortfolioSnapshot
 from trader.errors import JournalError
 from trader.journal import reader, rows
 from trader.journal.rows import Row
-from trader.llm.backends import LLMBackend, LLMError, LLMReply, LLMTimeout
-from trader.llm.grammar import parse_answer
+from trader.llm.backends import LLMBackend, LLMBadAnswer, LLMError, LLMReply, LLMTimeout
+from trader.llm.grammar import ParsedAnswer, cap_answer, parse_answer
 from trader.llm.isolation import llm_cores, pin_thread
 from trader.llm.prompts import build_context, render
 
@@ -66,6 +77,15 @@ class _Query:
     reply: LLMReply | None = None
     error: str | None = None
     recorded_latency_s: float | None = None  # recorded mode: when the earlier run could use it
+    finished: float | None = None  # perf_counter when the answer (or the failure) came
+    parsed: ParsedAnswer | None = None  # read in the worker, off the bar path
+    truncated: bool = False  # the answer (text or HTTP body) was cut at its limit
+
+    def latency_s(self) -> float:
+        """From the question to the answer: the backend's own latency, or longer when the query
+        waited behind an abandoned one."""
+        waited = (self.finished or self.submitted) - self.submitted
+        return max(waited, self.reply.latency_s) if self.reply is not None else waited
 
 
 @dataclass(slots=True)
@@ -77,11 +97,27 @@ class AdvisorStats:
     timeouts: int = 0
     skipped_busy: int = 0
     recorded_misses: int = 0
+    truncated: int = 0  # answers cut at ANSWER_MAX_CHARS (no advice) or bodies over the HTTP limit
     latencies_s: list[float] = field(default_factory=list)
     stated_conf: list[float] = field(default_factory=list)
     logit_conf: list[float] = field(default_factory=list)
     triggers: dict[str, int] = field(default_factory=dict)
     sim_wait_s: float = 0.0
+
+
+def _read_reply(q: _Query) -> None:
+    """Cap the reply's text and parse it (in the worker thread, or at submit when recorded).
+    Truncated or timed-out text is no advice; a "text" that is not a string is a failed answer."""
+    reply = q.reply
+    assert reply is not None
+    text: object = reply.text
+    if not isinstance(text, str):
+        q.error = f"answer text is {type(text).__name__}, not text: {repr(text)[:200]}"
+        text = ""
+    capped, q.truncated = cap_answer(text)
+    if capped is not reply.text:
+        q.reply = dataclasses.replace(reply, text=capped)
+    q.parsed = None if q.error or q.truncated or reply.timed_out else parse_answer(capped)
 
 
 class RecordedAnswers:
@@ -229,12 +265,16 @@ class Advisor:
                 q = self._work.pop(0)
             try:
                 q.reply = backend.complete(q.system, q.user, self.timeout_s)
+                _read_reply(q)
             except LLMTimeout as exc:
                 q.error = f"timeout: {exc}"
+            except LLMBadAnswer as exc:
+                q.error, q.truncated = str(exc), exc.truncated
             except LLMError as exc:
                 q.error = str(exc)
             except Exception as exc:  # a backend bug must not kill the worker
-                q.error = f"{type(exc).__name__}: {exc}"
+                q.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            q.finished = time.perf_counter()
             q.done.set()
 
     # -- the bar path ----------------------------------------------------------------------------
@@ -310,6 +350,8 @@ class Advisor:
                 raw, probs, latency, pt, ct = hit
                 q.reply = LLMReply(raw, probs, pt, ct, latency, "recorded")
                 q.recorded_latency_s = latency if self.recorded.source_mode == "async" else 0.0
+                _read_reply(q)
+            q.finished = q.submitted
             q.done.set()
             self._inflight = q
             return
@@ -328,17 +370,20 @@ class Advisor:
                 return
         elif self.timing == "bar":
             allowed = (ts_ns - q.ts_ns) / 1e9  # how long the answer could have taken to be usable now
+            # Wait until the wall time since the question catches up with the simulated time, and
+            # never past the query timeout: live would have given up on the query there.
+            horizon = min(allowed, self.timeout_s)
             elapsed = time.perf_counter() - q.submitted
-            if not q.done.is_set() and elapsed < allowed:
+            if not q.done.is_set() and elapsed < horizon:
                 t0 = time.perf_counter()
-                q.done.wait(min(allowed - elapsed, self.timeout_s + 5.0))
+                q.done.wait(horizon - elapsed)
                 self.stats.sim_wait_s += time.perf_counter() - t0
             if not q.done.is_set():
-                if time.perf_counter() - q.submitted > self.timeout_s + 5.0:
-                    self._abandon(q, i)
+                if allowed >= self.timeout_s:
+                    self._abandon(q, i)  # no answer within the query timeout of simulated time
                 return
-            if q.reply is not None and q.reply.latency_s > allowed:
-                return  # finished, but later than this bar in simulated time
+            if q.latency_s() > allowed:
+                return  # finished (or failed), but later than this bar in simulated time
         if not q.done.is_set():
             if time.perf_counter() - q.submitted > self.timeout_s + 5.0:
                 self._abandon(q, i)
@@ -348,6 +393,7 @@ class Advisor:
     def _abandon(self, q: _Query, i: int) -> None:
         q.error = f"no answer within {self.timeout_s} s"
         self.stats.timeouts += 1
+        self._advice = None  # asked again and not confirmed: the old answer is not left in force
         self._journal(q, None, None, i)
         self._inflight = None
 
@@ -355,6 +401,8 @@ class Advisor:
         self._inflight = None
         reply = q.reply
         parsed = None
+        if q.truncated:
+            self.stats.truncated += 1
         if q.error is not None or reply is None:
             if q.error and q.error.startswith("timeout"):
                 self.stats.timeouts += 1
@@ -363,12 +411,18 @@ class Advisor:
             log.warning("llm_query_failed", query=q.qid, bar=q.bar_index, error=q.error)
         else:
             self.stats.latencies_s.append(reply.latency_s)
-            parsed = None if reply.timed_out else parse_answer(reply.text)
+            parsed = q.parsed
             if reply.timed_out:
                 self.stats.timeouts += 1
             elif parsed is None:
                 self.stats.unparseable += 1
-                log.warning("llm_answer_unparseable", query=q.qid, bar=q.bar_index, raw=reply.text[:200])
+                log.warning(
+                    "llm_answer_unparseable",
+                    query=q.qid,
+                    bar=q.bar_index,
+                    raw=reply.text[:200],
+                    truncated=q.truncated,
+                )
         advice = None
         if parsed is not None and reply is not None:
             logit_conf = reply.action_probs[parsed.action] if reply.action_probs else None
@@ -388,6 +442,8 @@ class Advisor:
                 self._advice = advice
                 self._advice_ts = q.ts_ns
                 self._available_bar = i
+        elif i is not None:
+            self._advice = None  # asked again and not confirmed: the old answer is not left in force
         self._journal(q, parsed, advice, i)
 
     def _journal(self, q: _Query, parsed: Any, advice: Advice | None, available_bar: int | None) -> None:
@@ -403,7 +459,7 @@ class Advisor:
                 q.phash,
                 q.system,
                 q.user,
-                r.text if r else None,
+                None if r is None or q.error else r.text,  # a failed answer's excerpt is in error
                 None if parsed is None else ACTION_NAMES[parsed.action],
                 None if parsed is None else parsed.confidence,
                 None if advice is None else advice.logit_confidence,

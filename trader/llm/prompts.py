@@ -68,6 +68,29 @@ def validate_templates(prompts: PromptsConfig) -> None:
                 raise PromptError(f"prompts.{key}: bad format spec {{{name}:{spec}}}: {exc}") from None
 
 
+class NoTradesYet(float):
+    """``win_rate`` when the win-rate window holds no trade: it reads "n/a (no trades yet)" under
+    any format spec (``{win_rate:.0%}`` included), never "0%", which would tell the model that
+    every trade lost. As a number it is NaN, so nothing can mistake it for a rate."""
+
+    TEXT = "n/a (no trades yet)"
+
+    def __new__(cls) -> NoTradesYet:
+        return super().__new__(cls, math.nan)
+
+    def __format__(self, spec: str) -> str:
+        return self.TEXT
+
+    def __str__(self) -> str:
+        return self.TEXT
+
+    def __repr__(self) -> str:
+        return self.TEXT
+
+
+NO_TRADES_YET = NoTradesYet()
+
+
 def _num(x: float, default: float = 0.0) -> float:
     return x if isinstance(x, int | float) and math.isfinite(x) else default
 
@@ -84,7 +107,7 @@ def build_context(
     vol = _num(market.volatility_regime, 1.0)
     pos = snap.position
     status = "flat" if pos == 0 else f"{'long' if pos > 0 else 'short'} {abs(pos)}"
-    pnl_10 = snap.recent_win_rate
+    win_rate = snap.recent_win_rate
     return {
         "market_name": instrument.symbol,
         "current_time": t.strftime("%H:%M"),
@@ -95,7 +118,7 @@ def build_context(
         "momentum": _num(market.momentum_pct),
         "position_status": status,
         "unrealized_pnl": snap.unrealized_usd,
-        "win_rate": pnl_10 if pnl_10 is not None else 0.0,
+        "win_rate": NO_TRADES_YET if win_rate is None or snap.recent_trades == 0 else win_rate,
         "consecutive_losses": snap.consecutive_losses,
         "balance": snap.balance_usd,
         "contract_specs": f"{instrument.symbol}, tick {instrument.tick_size} = "
