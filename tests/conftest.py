@@ -37,6 +37,7 @@ def write_policy(
     input_names: tuple[str, str] = ("obs", "action_mask"),
     mask_in_graph: bool = True,
     seed: int = 0,
+    extra_meta: dict[str, str] | None = None,
 ) -> Path:
     """A real ONNX MLP with the daemon's contract (or a deliberately broken variant of it)."""
     layout = layout or build_layout(True)
@@ -73,7 +74,7 @@ def write_policy(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    meta = metadata_for(layout, output_kind=output_kind)
+    meta = metadata_for(layout, output_kind=output_kind, **(extra_meta or {}))
     if layout_hash is not None:
         meta["layout_hash"] = layout_hash
     if layout_hash == "":

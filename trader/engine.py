@@ -58,6 +58,21 @@ ACTIONS = tuple(Action)
 WARMUP_CHOICE = PolicyChoice(0, 1.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 _WARMUP = Decision(Action.HOLD, "warmup", Action.HOLD, 1.0, None, None, ("warmup",))
 _REDRIVE = tuple(Decision(a, "redrive", a, 1.0, None, None, ("redrive",)) for a in Action)
+
+
+def _usable(c: PolicyChoice) -> bool:
+    """A policy answer the decision can use: a legal action index, finite probabilities in [0, 1]."""
+    p = c.probs
+    return (
+        isinstance(c.action, int | np.integer)
+        and not isinstance(c.action, bool)
+        and 0 <= c.action < N_ACTIONS
+        and 0.0 <= c.confidence <= 1.0
+        and len(p) == N_ACTIONS
+        and all(0.0 <= x <= 1.0 for x in p)
+    )
+
+
 _ONE_HOT = tuple([1.0 if k == a else 0.0 for k in range(N_ACTIONS)] for a in range(N_ACTIONS))
 
 
@@ -104,6 +119,7 @@ class RunStats:
     orders: int = 0  # order intents sent to the broker
     fills: int = 0  # fills applied (the journal's fill sequence)
     order_rejects: int = 0  # orders the broker refused
+    policy_invalid: int = 0  # bars whose policy answer was unusable (NaN ...): decided as HOLD
     llm_busy: list[bool] = field(default_factory=list)  # per decided bar: an LLM query was in flight
 
 
@@ -162,6 +178,7 @@ class Engine:
         self.last_bar: Bar | None = None
         self._trade_seq = 0
         self._flatten_seq = 0
+        self._invalid_reason = ""  # this bar's policy answer could not be used (why)
         self._reject_seq = 0
         self._bar_seq = 0
         self._stop_requested = False
@@ -316,7 +333,10 @@ class Engine:
         """Steps 6-11 for an observed bar and the policy's choice: advice, fusion, risk review,
         orders, trailing stop, statistics and journal. During warm-up the choice is ignored."""
         i, bar, snap = o.bar_index, o.bar, o.snapshot
-        a, conf, probs = choice
+        a, conf, probs, problem = choice
+        if o.ready and (problem or not _usable(choice)):
+            a, conf, probs = 0, 0.0, WARMUP_CHOICE.probs
+            self._policy_invalid(i, problem or f"policy answer unusable: {choice!r}"[:300])
         pf, stats = self.portfolio, self.stats
         waited = 0.0
         advice: Advice | None = None
@@ -330,7 +350,13 @@ class Engine:
                 if advice is not None:
                     stats.with_advice += 1
                     stats.agreements += advice.action == a
-            decision = self.fusion.fuse(ACTIONS[a], conf, advice, o.mask, self.features.context)  # 7
+            if self._invalid_reason:
+                decision = Decision(
+                    Action.HOLD, "policy_invalid", Action.HOLD, 0.0, None, None, (self._invalid_reason,)
+                )
+                self._invalid_reason = ""
+            else:
+                decision = self.fusion.fuse(ACTIONS[a], conf, advice, o.mask, self.features.context)  # 7
         else:
             probs = WARMUP_CHOICE.probs
             decision = _WARMUP
@@ -343,6 +369,14 @@ class Engine:
             self.controls.flat()  # an operator's flatten request is done once flat
         latency = time.perf_counter_ns() - o.t0_ns - int(waited * 1e9)
         self._account_for(i, bar, probs, decision, advice, verdict, latency, busy)  # 11
+
+    def _policy_invalid(self, i: int, reason: str) -> None:
+        """The policy's answer cannot be used: this bar is HOLD, counted, its reason journaled (the
+        decision's method ``policy_invalid``); a warning once per run."""
+        self.stats.policy_invalid += 1
+        self._invalid_reason = reason
+        if self.stats.policy_invalid == 1 and not self._redriving:
+            log.warning("policy_output_invalid_bars_hold", bar=i, reason=reason)
 
     async def _carry_out(self, o: Observed, plan: Plan | None) -> None:
         """Step 10: the plan's orders and stop changes, then the trailing stop."""

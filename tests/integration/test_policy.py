@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
-from tests.conftest import write_policy
+from tests.conftest import make_settings, write_policy
 from trader.config import BUNDLED_POLICY
-from trader.domain import Action
+from trader.domain import Action, PolicyChoice
 from trader.features.layout import build_layout
 from trader.policy import OnnxPolicy, PolicyError
 
@@ -18,7 +22,7 @@ L228 = build_layout(False)
 def test_bundled_policy_loads_on_cpu_and_acts():
     p = OnnxPolicy(BUNDLED_POLICY, L261, "auto")
     assert p.info.provider == "CPUExecutionProvider" and p.info.layout_hash == L261.hash
-    a, conf, probs = p.act_on(np.zeros(261, np.float32), np.ones(6, bool))
+    a, conf, probs, _ = p.act_on(np.zeros(261, np.float32), np.ones(6, bool))
     assert 0 <= a < 6 and conf == max(probs) and abs(sum(probs) - 1) < 1e-6
 
 
@@ -68,8 +72,79 @@ def test_masked_actions_get_zero_probability_even_if_the_graph_does_not_mask(tmp
     )
     p = OnnxPolicy(path, L261)
     mask = np.array([True, True, True, False, False, False])
-    a, _, probs = p.act_on(np.zeros(261, np.float32), mask)
+    a, _, probs, _ = p.act_on(np.zeros(261, np.float32), mask)
     assert a != Action.MOVE_TO_BE and probs[3] == probs[4] == probs[5] == 0.0
     assert abs(sum(probs) - 1.0) < 1e-9
-    a, _, _ = p.act_on(np.zeros(261, np.float32), np.ones(6, bool))
+    a, _, _, _ = p.act_on(np.zeros(261, np.float32), np.ones(6, bool))
     assert a == Action.MOVE_TO_BE
+
+
+class NanPolicy:
+    """A plug-in policy (``module:attr``) whose answer is NaN from bar 300 on."""
+
+    name = "nan-plugin"
+
+    def __init__(self, settings: object, **options: object) -> None:
+        self.n = 0
+
+    def act(self, o: object) -> PolicyChoice:
+        self.n += 1
+        if self.n < 300:
+            return PolicyChoice(1, 0.9, [0.05, 0.9, 0.05, 0.0, 0.0, 0.0])
+        return PolicyChoice(1, float("nan"), [float("nan")] * 6)
+
+
+def _replay_decisions(tmp_path, policy_path: str) -> tuple[list[tuple[str, str, int]], int, list[dict]]:
+    from trader.wiring import build_replay
+
+    s = make_settings(policy={"path": policy_path})
+    run = build_replay(s, tmp_path / "j.sqlite")
+    with capture_logs() as logs:
+        asyncio.run(run.engine.run())
+        asyncio.run(run.engine.close())
+    run.journal.close()
+    con = sqlite3.connect(tmp_path / "j.sqlite")
+    rows = con.execute("SELECT method, reasons, final_action FROM decisions ORDER BY bar_index").fetchall()
+    con.close()
+    warnings = [e for e in logs if e["event"] == "policy_output_invalid_bars_hold"]
+    return rows, run.engine.stats.policy_invalid, warnings
+
+
+@pytest.mark.parametrize("kind", ["onnx_probs", "onnx_logits", "plugin"])
+def test_a_policy_output_that_is_nan_holds_with_the_reason_journaled_and_one_warning(tmp_path, kind):
+    if kind == "plugin":
+        path = "tests.integration.test_policy:NanPolicy"
+    else:
+        out = kind.removeprefix("onnx_")
+        path = str(
+            write_policy(tmp_path / "nan.onnx", L261, bias=[float("nan"), 0, 0, 0, 0, 0], output_kind=out)
+        )
+    rows, invalid, warnings = _replay_decisions(tmp_path, path)
+    bad = [r for r in rows if r[0] == "policy_invalid"]
+    assert bad and invalid == len(bad)
+    assert all(r[2] == Action.HOLD for r in bad)  # decided as HOLD, never a guess
+    assert all(("not finite" in r[1]) if kind != "plugin" else ("unusable" in r[1]) for r in bad)
+    assert len(warnings) == 1  # once per run, not once per bar
+
+
+def test_a_policy_trained_for_another_market_is_refused_or_warned_about(tmp_path):
+    """Metadata naming another symbol, tick size or bar interval: its features and stops would
+    mean something else here, so it is refused naming both values, unless the config allows it."""
+    from trader.policy import build_policy
+
+    other = write_policy(
+        tmp_path / "es.onnx", L261, extra_meta={"symbol": "ES", "tick_size": "0.25", "bar_seconds": "300"}
+    )
+    s = make_settings(policy={"path": str(other)})
+    with pytest.raises(PolicyError) as err:
+        build_policy(s, L261)
+    msg = str(err.value)
+    assert "symbol ES (config instrument.symbol = NQ)" in msg
+    assert "bar_seconds 300 (config data.bar_seconds = 60)" in msg and "tick_size" not in msg
+    with capture_logs() as logs:
+        build_policy(make_settings(policy={"path": str(other), "allow_other_market": True}), L261)
+    assert any(e["event"] == "policy_trained_for_another_market" for e in logs)
+    same = write_policy(
+        tmp_path / "nq.onnx", L261, extra_meta={"symbol": "NQ", "tick_size": "0.25", "bar_seconds": "60"}
+    )
+    assert build_policy(make_settings(policy={"path": str(same)}), L261).name == "onnx"

@@ -35,9 +35,13 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from trader.errors import JournalError
 from trader.journal import rows
 from trader.journal.rows import Row
+
+log = structlog.get_logger(__name__)
 
 _INSERTS = rows.COLUMNS
 _MAX_VARIABLES = 8000  # bound parameters per statement (SQLite allows 32766 since 3.32)
@@ -60,6 +64,7 @@ class Journal:
         self._buf: deque[tuple[str, Any]] = deque()
         self._wake = threading.Event()
         self._error: BaseException | None = None
+        self.coerced = 0  # values the journal could only store as text
         self._stopping = False
         con = self._connect()
         con.executescript(rows.SCHEMA)
@@ -210,7 +215,16 @@ class Journal:
                 sql = self._sql[(table, len(chunk))] = f"INSERT INTO {table} VALUES " + ", ".join(
                     [one] * len(chunk)
                 )
-            con.execute(sql, list(chain.from_iterable(chunk)))
+            params = list(chain.from_iterable(chunk))
+            try:
+                con.execute(sql, params)
+            except (OverflowError, ValueError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
+                # a value SQLite cannot bind (an integer past 64 bits, an odd type): stored as text
+                # rather than losing the transaction's rows
+                fixed = [_storable(v) for v in params]
+                self.coerced += sum(a is not b for a, b in zip(params, fixed, strict=True))
+                con.execute(sql, fixed)
+                log.warning("journal_values_stored_as_text", table=table, error=str(exc)[:200])
 
     def _writer(self) -> None:
         con = self._connect()
@@ -259,6 +273,26 @@ class Journal:
                     row.set()
         finally:
             con.close()
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _storable(v: Any) -> Any:
+    """A value SQLite can bind: as it is when it can, else as text (never dropped)."""
+    if v is None or isinstance(v, str | bytes | float):
+        return v
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int):
+        return v if _INT64[0] <= v <= _INT64[1] else str(v)
+    item = getattr(v, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return _storable(item())
+        except (TypeError, ValueError):
+            pass
+    return str(v)
 
 
 def _release(

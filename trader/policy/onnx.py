@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from trader.domain import N_ACTIONS, Observed, PolicyChoice
+from trader.domain import ACTION_NAMES, N_ACTIONS, Observed, PolicyChoice
 from trader.errors import PolicyError
 from trader.features.layout import ObservationLayout
 
@@ -159,6 +159,9 @@ class OnnxPolicy:
             raw = self.session.run([self._out_name], {"obs": self._obs, "action_mask": self._mask})[0][
                 0
             ].tolist()
+        if not all(math.isfinite(r) for r in raw):
+            bad = ", ".join(f"{ACTION_NAMES[k]}={r}" for k, r in enumerate(raw) if not math.isfinite(r))
+            return PolicyChoice(0, 0.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], f"policy output not finite: {bad}")
         legal = mask.tolist()
         # Six numbers: plain Python is several times cheaper here than numpy scalar operations.
         if self.output_kind == "logits":

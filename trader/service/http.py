@@ -13,8 +13,11 @@ POST /rearm     release the operator kill switch                            }
 
 Control requests need ``Authorization: Bearer <token>`` where the token is read from the
 environment variable named by ``service.control_token_env``; without that variable control is
-disabled (403). Every control request, accepted or refused, is journaled (table ``control``) with
-its source address. A bad request gets a 4xx with a reason, never a crash.
+disabled (403). Every accepted control request is journaled (table ``control``) with its source
+address; refused ones too, up to ``REFUSALS_JOURNALED`` per source a minute: beyond that a source
+gets 429 and its refusals are only counted (``trader_control_refused``), and the next journaled
+refusal says how many were not. A malformed header (not printable ASCII) is a 400. A bad request
+gets a 4xx with a reason, never a crash.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import hmac
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +48,37 @@ log = structlog.get_logger(__name__)
 LATENCY_BUCKETS_S = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 LLM_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_BODY = 4096
+REFUSALS_JOURNALED = 5  # per source per minute; more are counted, not journaled
+REFUSAL_WINDOW_S = 60.0
+
+
+class RefusalLimiter:
+    """Refused control requests per source: the first few a minute are journaled and logged, the
+    rest answered 429 and counted, so a flood cannot fill the journal or the log."""
+
+    def __init__(self, per_window: int = REFUSALS_JOURNALED, window_s: float = REFUSAL_WINDOW_S) -> None:
+        self.per_window, self.window_s = per_window, window_s
+        self._seen: dict[str, deque[float]] = {}
+        self._suppressed: dict[str, int] = {}
+        self.total: dict[str, int] = {}  # reason → refusals (journaled or not)
+        self.suppressed_total = 0
+
+    def admit(self, source: str, why: str) -> tuple[bool, int]:
+        """(journal this one?, how many of this source were suppressed since its last row)."""
+        self.total[why] = self.total.get(why, 0) + 1
+        now = time.monotonic()
+        q = self._seen.setdefault(source, deque())
+        while q and now - q[0] >= self.window_s:
+            q.popleft()
+        if len(q) >= self.per_window:
+            self._suppressed[source] = self._suppressed.get(source, 0) + 1
+            self.suppressed_total += 1
+            return False, 0
+        q.append(now)
+        if len(self._seen) > 10_000:  # many sources: forget the idle ones
+            for k in [k for k, v in self._seen.items() if not v or now - v[-1] >= self.window_s]:
+                self._seen.pop(k, None)
+        return True, self._suppressed.pop(source, 0)
 
 
 def _hist(name: str, doc: str, values_s: np.ndarray, buckets: tuple[float, ...]) -> HistogramMetricFamily:
@@ -58,8 +93,9 @@ def _hist(name: str, doc: str, values_s: np.ndarray, buckets: tuple[float, ...])
 
 
 class EngineCollector(Collector):
-    def __init__(self, operator: Operator) -> None:
+    def __init__(self, operator: Operator, refusals: RefusalLimiter | None = None) -> None:
         self.operator = operator
+        self.refusals = refusals
 
     def collect(self) -> Iterator[Any]:
         op = self.operator
@@ -92,6 +128,11 @@ class EngineCollector(Collector):
         yield counter("trader_orders", "Orders submitted", st.orders)
         yield counter("trader_fills", "Fills received", st.fills)
         yield counter("trader_order_rejects", "Orders rejected by the broker", st.order_rejects)
+        yield counter(
+            "trader_policy_invalid",
+            "Bars whose policy answer was unusable (decided as HOLD)",
+            st.policy_invalid,
+        )
         yield GaugeMetricFamily("trader_position_contracts", "Signed position", value=pf.position)
         equity = pf.balance_usd + pf.unrealized_usd
         yield GaugeMetricFamily("trader_equity_usd", "Balance + unrealized P&L", value=equity)
@@ -142,6 +183,15 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "trader_last_bar_age_seconds", "Since the last bar finished", value=age or 0.0
         )
+        if self.refusals is not None:
+            yield labelled(
+                "trader_control_refused", "Control requests refused", "reason", self.refusals.total
+            )
+            yield counter(
+                "trader_control_refused_unjournaled",
+                "Refused control requests beyond the per-source journal limit",
+                self.refusals.suppressed_total,
+            )
         yield counter("trader_reloads", "Config reloads applied", op.reloads)
         yield counter("trader_reload_rejects", "Config reloads rejected", op.reload_rejects)
         adv = eng.advisor
@@ -169,7 +219,8 @@ class ControlServer:
         self.host, self.port = cfg.http_host, cfg.http_port
         self.token = os.environ.get(cfg.control_token_env, "")
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(EngineCollector(operator))
+        self.refusals = RefusalLimiter()
+        self.registry.register(EngineCollector(operator, self.refusals))
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics)
@@ -220,20 +271,35 @@ class ControlServer:
     async def state(self, request: web.Request) -> web.Response:
         return web.json_response(self.operator.state())
 
+    def _refuse(self, action: str, source: str, why: str, status: int, text: str) -> web.Response:
+        journal, suppressed = self.refusals.admit(source, why)
+        if not journal:
+            return web.json_response(
+                {"error": f"too many refused control requests from {source}; try again later"},
+                status=429,
+                headers={"Retry-After": str(int(self.refusals.window_s))},
+            )
+        note = f" (+{suppressed} more refused, not journaled)" if suppressed else ""
+        self.operator.refused(action, source, why + note)
+        log.warning("control_refused", action=action, source=source, why=why, suppressed=suppressed)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        return web.json_response({"error": text}, status=status, headers=headers)
+
     async def control(self, request: web.Request) -> web.Response:
         action = request.path.strip("/")
         source = request.remote or "?"
         if not self.token:
-            self.operator.refused(action, source, "control disabled")
-            return web.json_response({"error": "control is disabled (no token configured)"}, status=403)
+            return self._refuse(
+                action, source, "control disabled", 403, "control is disabled (no token configured)"
+            )
         auth = request.headers.get("Authorization", "")
+        if auth and (not auth.isascii() or not auth.isprintable()):
+            return self._refuse(
+                action, source, "malformed Authorization header", 400, "malformed Authorization header"
+            )
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            self.operator.refused(action, source, "bad token")
-            log.warning("control_refused", action=action, source=source)
-            return web.json_response(
-                {"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"}
-            )
+            return self._refuse(action, source, "bad token", 401, "missing or wrong bearer token")
         reason = ""
         if request.can_read_body:
             raw = await request.read()
