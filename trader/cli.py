@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import sys
 import time
@@ -32,6 +33,31 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+def _bar_time_arg(value: str) -> str:
+    """--from/--to: an ISO date-time (naive = data.timezone), checked here so the error names
+    the argument."""
+    from trader.feeds.replay import parse_bar_time
+
+    try:
+        parse_bar_time(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _speed_arg(value: str) -> float:
+    """--speed: 0 = as fast as possible, N = N times real time; finite and not negative."""
+    try:
+        speed = float(value)
+    except ValueError:
+        speed = math.nan
+    if not (math.isfinite(speed) and speed >= 0):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not 0 (as fast as possible) or a finite N > 0 (N times real time)"
+        )
+    return speed
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,6 +136,8 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, engine.request_stop)
     assert run.recorded is not None
+    usable, warmup = int(run.recorded.accepted().sum()), settings.features.warmup_bars
+    to_decide = run.recorded.bars_after_warmup(warmup)
     progress = _Progress(len(run.recorded))
     engine.progress = progress
     status = "failed"
@@ -139,6 +167,14 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             journal.close()
     print(format_table(report))
+    if to_decide == 0:
+        print(
+            f"\nnothing was decided: all {usable} usable bars were warm-up "
+            f"(features.warmup_bars = {warmup}); give it more data",
+            file=sys.stderr,
+        )
+    elif to_decide < warmup:
+        print(f"\ndecided {to_decide} of {usable} bars; the first {warmup} warm the indicators up")
     if args.report:
         write_json(report, args.report)
     plot = args.plot or (
@@ -153,6 +189,8 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         f"\njournal: {journal.path}  run: {run.run_id}  plot: {plot}"
         + (f"  report: {args.report}" if args.report else "")
     )
+    if to_decide == 0:
+        return 2  # a replay that could not decide anything is a usage error, not a result
     return 0 if status in ("completed", "stopped") else 1
 
 
@@ -212,7 +250,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     from trader.wiring import accepted_rows
 
     settings = _settings(args)
-    rb = load_bars(settings.data)
+    rb = load_bars(settings.data, tick_size=settings.instrument.tick_size)
     ok = accepted_rows(rb)
     cols = {k: getattr(rb, k)[ok] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
     feats = BulkFeatures(settings, cols, load_feature_blocks(settings.features.custom_blocks))
@@ -263,8 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="replay recorded bars through the full decision path")
     common(p)
     p.add_argument("--data", nargs="+", help="CSV/Parquet files (default: the bundled NQ slice)")
-    p.add_argument("--from", dest="date_from", help="first bar time, ISO (exchange time zone if naive)")
-    p.add_argument("--to", dest="date_to", help="end bar time (exclusive), ISO")
+    p.add_argument(
+        "--from",
+        dest="date_from",
+        type=_bar_time_arg,
+        help="first bar time, ISO (data.timezone if naive)",
+    )
+    p.add_argument("--to", dest="date_to", type=_bar_time_arg, help="end bar time (exclusive), ISO")
     p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
     p.add_argument("--report", help="write the report as JSON here (plot next to it as .html)")
     p.add_argument("--plot", help="write the equity/drawdown plot (HTML) here")
@@ -273,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX policy file, or module:attr of a Python policy, e.g. strategies.rules:EmaCross "
         "(default: policy.path)",
     )
-    p.add_argument("--speed", type=float, help="0 = as fast as possible, N = N times real time")
+    p.add_argument("--speed", type=_speed_arg, help="0 = as fast as possible, N = N times real time")
     p.add_argument(
         "--llm",
         choices=["off", "sync", "async", "recorded"],
@@ -290,10 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="trade on these recorded bars paced at --speed instead of the live feed (paper)",
     )
-    p.add_argument("--from", dest="date_from")
-    p.add_argument("--to", dest="date_to")
+    p.add_argument("--from", dest="date_from", type=_bar_time_arg)
+    p.add_argument("--to", dest="date_to", type=_bar_time_arg)
     p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
-    p.add_argument("--speed", type=float, help="bars paced at N times real time (default: data.speed)")
+    p.add_argument("--speed", type=_speed_arg, help="bars paced at N times real time (default: data.speed)")
     p.add_argument("--llm", choices=["off", "sync", "async", "recorded"])
     p.add_argument(
         "--fresh",
@@ -339,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="write the per-bar observation with named columns")
     common(p)
     p.add_argument("--data", nargs="+")
-    p.add_argument("--from", dest="date_from")
-    p.add_argument("--to", dest="date_to")
+    p.add_argument("--from", dest="date_from", type=_bar_time_arg)
+    p.add_argument("--to", dest="date_to", type=_bar_time_arg)
     p.add_argument("--out", required=True, help=".parquet or .csv")
     p.set_defaults(func=cmd_features)
 

@@ -182,7 +182,7 @@ def build_replay(
 ) -> Run:
     """Recorded bars ─▶ bulk features, paper broker, policy, journal (replay, and the service's
     paper trading on recorded bars)."""
-    recorded = load_bars(settings.data, data_paths)
+    recorded = load_bars(settings.data, data_paths, tick_size=settings.instrument.tick_size)
     features = bulk_features(settings, recorded)
     policy = build_policy(settings, features.layout)
     run_id = run_id or uuid.uuid4().hex

@@ -84,7 +84,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         self.skip_idle = skip_idle
         self.shuffle = shuffle
         self.journal = journal or NullJournal()
-        recorded = load_bars(settings.data, data_paths)
+        recorded = load_bars(settings.data, data_paths, tick_size=settings.instrument.tick_size)
         accepted = accepted_rows(recorded)
         self.bars = _subset(recorded, accepted)
         cols = {k: getattr(self.bars, k) for k in ("ts_ns", "open", "high", "low", "close", "volume")}

@@ -74,7 +74,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the policy and the baselines on [eval_from, eval_to); returns a table of statistics."""
     tz = settings.data.timezone
-    rec = load_bars(settings.data, data_paths)
+    rec = load_bars(settings.data, data_paths, tick_size=settings.instrument.tick_size)
     acc = accepted_rows(rec)
     ts_all = rec.ts_ns[acc]
     lo = bound_ns(eval_from, tz)
