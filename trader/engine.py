@@ -10,6 +10,7 @@ refusals and reconcile results as events, which the engine applies at the start 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,14 +63,16 @@ _REDRIVE = tuple(Decision(a, "redrive", a, 1.0, None, None, ("redrive",)) for a 
 
 def _usable(c: PolicyChoice) -> bool:
     """A policy answer the decision can use: a legal action index, finite probabilities in [0, 1]."""
-    p = c.probs
+    p, a = c.probs, c.action
+    if len(p) != N_ACTIONS or not (type(a) is int or (isinstance(a, np.integer) and not isinstance(a, bool))):
+        return False
+    total = sum(p)  # NaN and inf propagate through a sum: one C call instead of six checks
     return (
-        isinstance(c.action, int | np.integer)
-        and not isinstance(c.action, bool)
-        and 0 <= c.action < N_ACTIONS
+        0 <= a < N_ACTIONS
         and 0.0 <= c.confidence <= 1.0
-        and len(p) == N_ACTIONS
-        and all(0.0 <= x <= 1.0 for x in p)
+        and 0.0 <= total < math.inf
+        and min(p) >= 0.0
+        and max(p) <= 1.0
     )
 
 
@@ -152,6 +155,8 @@ class Engine:
         self.feed = feed
         self.broker = broker
         self.policy = policy
+        # a policy that vouches for its own output (the ONNX one checks it) skips the engine's check
+        self._check_choices = not getattr(policy, "validated_output", False)
         self.features = features
         self.journal = journal
         self.run_id = run_id
@@ -334,7 +339,7 @@ class Engine:
         orders, trailing stop, statistics and journal. During warm-up the choice is ignored."""
         i, bar, snap = o.bar_index, o.bar, o.snapshot
         a, conf, probs, problem = choice
-        if o.ready and (problem or not _usable(choice)):
+        if o.ready and (problem or (self._check_choices and not _usable(choice))):
             a, conf, probs = 0, 0.0, WARMUP_CHOICE.probs
             self._policy_invalid(i, problem or f"policy answer unusable: {choice!r}"[:300])
         pf, stats = self.portfolio, self.stats

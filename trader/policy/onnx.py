@@ -55,6 +55,7 @@ class OnnxPolicy:
     """Greedy masked policy. ``act`` returns (action, confidence, probabilities)."""
 
     name = "onnx"
+    validated_output = True  # act_on refuses a non-finite output itself (PolicyChoice.problem)
 
     def __init__(
         self, path: str | Path, layout: ObservationLayout, provider: str = "auto", intra_op_threads: int = 1
@@ -159,7 +160,7 @@ class OnnxPolicy:
             raw = self.session.run([self._out_name], {"obs": self._obs, "action_mask": self._mask})[0][
                 0
             ].tolist()
-        if not all(math.isfinite(r) for r in raw):
+        if not math.isfinite(sum(raw)):  # NaN and inf propagate through the sum
             bad = ", ".join(f"{ACTION_NAMES[k]}={r}" for k, r in enumerate(raw) if not math.isfinite(r))
             return PolicyChoice(0, 0.0, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], f"policy output not finite: {bad}")
         legal = mask.tolist()
