@@ -61,19 +61,27 @@ _WARMUP = Decision(Action.HOLD, "warmup", Action.HOLD, 1.0, None, None, ("warmup
 _REDRIVE = tuple(Decision(a, "redrive", a, 1.0, None, None, ("redrive",)) for a in Action)
 
 
-def _usable(c: PolicyChoice) -> bool:
-    """A policy answer the decision can use: a legal action index, finite probabilities in [0, 1]."""
-    p, a = c.probs, c.action
-    if len(p) != N_ACTIONS or not (type(a) is int or (isinstance(a, np.integer) and not isinstance(a, bool))):
+def _usable(c: object) -> bool:
+    """A policy answer the decision can use: (action, confidence, probabilities) with a legal
+    action index (an int, an ``Action``), a confidence and six probabilities in [0, 1]."""
+    if not isinstance(c, tuple) or len(c) < 3:
         return False
-    total = sum(p)  # NaN and inf propagate through a sum: one C call instead of six checks
-    return (
-        0 <= a < N_ACTIONS
-        and 0.0 <= c.confidence <= 1.0
-        and 0.0 <= total < math.inf
-        and min(p) >= 0.0
-        and max(p) <= 1.0
-    )
+    a, conf, p = c[0], c[1], c[2]
+    if isinstance(a, bool) or not isinstance(a, int | np.integer):
+        return False
+    try:
+        if len(p) != N_ACTIONS:
+            return False
+        total = sum(p)  # NaN and inf propagate through a sum: one C call instead of six checks
+        return bool(
+            0 <= a < N_ACTIONS
+            and 0.0 <= conf <= 1.0
+            and 0.0 <= total < math.inf
+            and min(p) >= 0.0
+            and max(p) <= 1.0
+        )
+    except TypeError:  # probabilities that are not numbers
+        return False
 
 
 _ONE_HOT = tuple([1.0 if k == a else 0.0 for k in range(N_ACTIONS)] for a in range(N_ACTIONS))
@@ -338,17 +346,19 @@ class Engine:
         """Steps 6-11 for an observed bar and the policy's choice: advice, fusion, risk review,
         orders, trailing stop, statistics and journal. During warm-up the choice is ignored."""
         i, bar, snap = o.bar_index, o.bar, o.snapshot
-        a, conf, probs, problem = choice
+        problem = getattr(choice, "problem", "")
         if o.ready and (problem or (self._check_choices and not _usable(choice))):
             a, conf, probs = 0, 0.0, WARMUP_CHOICE.probs
             self._policy_invalid(i, problem or f"policy answer unusable: {choice!r}"[:300])
+        else:
+            a, conf, probs = choice[0], choice[1], choice[2]
         pf, stats = self.portfolio, self.stats
         waited = 0.0
         advice: Advice | None = None
         advisor = self.advisor
         busy = advisor is not None and advisor.busy  # a query in flight while this bar is decided
         if o.ready:
-            if advisor is not None:  # 6
+            if advisor is not None and not self._invalid_reason:  # 6 (no question on a broken bar)
                 before = advisor.sim_wait_s
                 advice = advisor.on_bar(i, bar.ts_ns, conf, snap, o.minute_of_day, self.features.context)
                 waited = advisor.sim_wait_s - before

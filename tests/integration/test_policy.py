@@ -148,3 +148,25 @@ def test_a_policy_trained_for_another_market_is_refused_or_warned_about(tmp_path
         tmp_path / "nq.onnx", L261, extra_meta={"symbol": "NQ", "tick_size": "0.25", "bar_seconds": "60"}
     )
     assert build_policy(make_settings(policy={"path": str(same)}), L261).name == "onnx"
+
+
+class TuplePolicy:
+    """A plug-in that answers with a plain tuple and an ``Action`` (an IntEnum), as older ones do."""
+
+    name = "tuple-plugin"
+
+    def __init__(self, settings: object, **options: object) -> None:
+        self.n = 0
+
+    def act(self, o: object) -> tuple[Action, float, list[float]]:
+        self.n += 1
+        a = Action.BUY if self.n % 200 == 0 else Action.HOLD
+        return a, 1.0, [1.0 if k == a else 0.0 for k in range(6)]
+
+
+@pytest.mark.parametrize("path", ["strategies.rules:EmaCross", "tests.integration.test_policy:TuplePolicy"])
+def test_valid_plugin_answers_are_never_taken_for_invalid_ones(tmp_path, path):
+    """An ``Action`` is an int, a plain 3-tuple is an answer: both trade, none is policy_invalid."""
+    rows, invalid, warnings = _replay_decisions(tmp_path, path)
+    assert invalid == 0 and not warnings and not [r for r in rows if r[0] == "policy_invalid"]
+    assert any(r[2] == Action.BUY for r in rows)
