@@ -893,9 +893,9 @@ def _size_problems(s: Settings) -> list[str]:
     """Size vs account: one stop-out must not end the account. The allowance is the trailing
     drawdown (the liquidation threshold starts that far under the starting balance)."""
     a, i, ex = s.account, s.instrument, s.execution
-    if a.trailing_drawdown_usd >= a.starting_balance_usd:
+    if a.trailing_drawdown_usd > a.starting_balance_usd:
         return [
-            f"account.trailing_drawdown_usd: {a.trailing_drawdown_usd:,.2f} must be below "
+            f"account.trailing_drawdown_usd: {a.trailing_drawdown_usd:,.2f} must not exceed "
             f"account.starting_balance_usd ({a.starting_balance_usd:,.2f})"
         ]
 
@@ -914,8 +914,11 @@ def _size_problems(s: Settings) -> list[str]:
 
     if _one_stop_loss_usd(s, ex.order_qty) >= a.trailing_drawdown_usd:
         return [refused("execution.order_qty", ex.order_qty)]
-    if _one_stop_loss_usd(s, s.risk.max_contracts) >= a.trailing_drawdown_usd:
-        return [refused("risk.max_contracts", s.risk.max_contracts)]
+    # the risk engine vetoes an add only once the position has reached max_contracts, so the
+    # largest position is max_contracts - 1 + order_qty
+    largest = s.risk.max_contracts - 1 + ex.order_qty
+    if _one_stop_loss_usd(s, largest) >= a.trailing_drawdown_usd:
+        return [refused("risk.max_contracts", largest)]
     return []
 
 
@@ -955,7 +958,7 @@ def _hours_problems(i: InstrumentConfig) -> list[str]:
             f"instrument.flatten_at: {i.flatten_at} must not be before instrument.trade_end ({i.trade_end}) "
             "(positions are flattened from flatten_at, after the entry window)"
         ]
-    if f >= close:
+    if f > close:  # flatten_at == session_close: the session ends first (no flatten)
         return [
             f"instrument.flatten_at: {i.flatten_at} must be before instrument.session_close "
             f"({i.session_close}), after the entry window {window}, within {session}"
@@ -984,13 +987,10 @@ def _plugin_problems(s: Settings, sources: _Sources) -> list[str]:
     file exists: a typo fails here, naming the key, not at the first bar."""
     problems = []
     policy = s.policy.path
+    # a policy *file* is checked where it is loaded (it may not exist yet: scripts/train_policy
+    # writes it); a module:attr must import
     if _DOTTED.fullmatch(str(policy)) and not _is_file(policy):
         problems.append(_plugin_problem("policy.path", ["policy", "path"], str(policy), True, sources))
-    elif not _is_file(policy):
-        problems.append(
-            f"policy.path: {policy} is not a file (an ONNX policy file, or module:attr of a Python policy)"
-            f"{sources.of(['policy', 'path'])}"
-        )
     if s.fusion.strategy not in ("default", "guide"):
         problems.append(
             _plugin_problem("fusion.strategy", ["fusion", "strategy"], s.fusion.strategy, True, sources)

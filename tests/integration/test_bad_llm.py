@@ -432,3 +432,20 @@ def test_property_any_openai_response_json_gives_valid_advice_or_a_counted_failu
         assert st_.answered == 1 and 0.0 <= advice.confidence <= 1.0 and isinstance(advice.action, Action)
     raw = rows[0][RAW]
     assert raw is None or len(raw) <= ANSWER_MAX_CHARS + len(TRUNCATED_MARK)
+
+
+@pytest.mark.parametrize(
+    ("text", "conf"),
+    [
+        ("BUY | breakout above resistance | 0.8", 0.8),  # reason first, a bare confidence last
+        ("BUY | breakout | 80%", 0.8),
+        ("SELL | high | 2 reasons", None),  # a reason's number is never a confidence
+        ("BUY | up | -0.5", None),
+        ("BUY | 0.7 | 2 lower highs", 0.7),
+    ],
+)
+def test_a_piped_answer_with_its_confidence_last_is_read_and_a_reasons_number_is_not(text, conf):
+    from trader.llm.grammar import parse_answer
+
+    got = parse_answer(text)
+    assert (got.confidence if got else None) == conf

@@ -39,3 +39,22 @@ def test_a_value_the_journal_cannot_bind_is_stored_as_text_and_no_row_is_lost(tm
     # bound as text, kept (an INTEGER column's affinity turns numeric text into a REAL)
     assert float(got[1][2]) == 1e30 and got[1][3] == 1e20
     assert got[2][2] == 1_700_000_060 * 10**9 and got[2][3] == 16001.0
+
+
+def test_text_with_a_lone_surrogate_is_kept_with_a_replacement_character(tmp_path):
+    """An LLM answer cut inside an emoji (a lone surrogate from JSON) must not kill the writer."""
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    j.start_run("r1", "replay", "{}", "policy.onnx", "hash", ("src",))
+    f = Fill("c-\ud83d", 1_700_000_000 * 10**9, Side.BUY, 1, 16000.25, 2.5, "entry up \ud83d")
+    j.record(rows.fill("r1", 1, f))
+    j.commit_point()
+    j.flush()
+    assert j.health() is None
+    j.record(rows.fill("r1", 2, Fill("c-2", f.ts_ns, Side.SELL, 1, 16000.5, 2.5, "exit")))
+    j.commit_point()
+    j.close()
+    con = sqlite3.connect(path)
+    got = con.execute("SELECT seq, client_id, purpose FROM fills ORDER BY seq").fetchall()
+    con.close()
+    assert [g[0] for g in got] == [1, 2] and got[0][1] == "c-?" and got[0][2] == "entry up ?"

@@ -46,7 +46,9 @@ ROW_REASONS = ("", BAD_TIMESTAMP, *REJECT_REASONS)
 OUTLIER_RATIO = 2.0
 OUTLIER_WINDOW = 61  # rows
 OUTLIER_MIN_ROWS = 3  # with fewer rows nothing says which print is the bad one
-TICK_TOLERANCE = 1e-6  # in ticks: float noise of a price written as decimal text
+# in ticks: float noise, and vendors that write fractional ticks (1/32, 1/128) rounded to 4-6
+# decimals; a price off the grid by more than 1% of a tick is not a rounding
+TICK_TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,14 @@ def price_outliers(h: np.ndarray, lo: np.ndarray, c: np.ndarray) -> np.ndarray:
     if n > k * w:
         ref[k * w :] = np.median(c[-w:])
     with np.errstate(invalid="ignore"):
-        return (h > ref * OUTLIER_RATIO) | (lo < ref / OUTLIER_RATIO)
+        far = (h > ref * OUTLIER_RATIO) | (lo < ref / OUTLIER_RATIO)
+        # a bad print is a spike: its neighbours' closes are not where it is. A market that moved
+        # (daily bars over months, a gap that holds) has neighbours that moved with it.
+        prev_c = np.concatenate(([c[0]], c[:-1]))
+        next_c = np.concatenate((c[1:], [c[-1]]))
+        hi_spike = (h > prev_c * OUTLIER_RATIO) & (h > next_c * OUTLIER_RATIO)
+        lo_spike = (lo < prev_c / OUTLIER_RATIO) & (lo < next_c / OUTLIER_RATIO)
+        return far & (hi_spike | lo_spike)
 
 
 def reason_codes(

@@ -280,7 +280,13 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 def _storable(v: Any) -> Any:
     """A value SQLite can bind: as it is when it can, else as text (never dropped)."""
-    if v is None or isinstance(v, str | bytes | float):
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (an emoji cut in two): replaced, kept
+            return v.encode("utf-8", "replace").decode("utf-8")
+        return v
+    if v is None or isinstance(v, bytes | float):
         return v
     if isinstance(v, bool):
         return int(v)

@@ -125,12 +125,23 @@ def parse_answer(text: str) -> ParsedAnswer | None:
     # In the "ACTION | confidence | reason" form the confidence is the second field and nowhere
     # else: a reason's number ("2 lower highs") is never read as one.
     conf = _confidence(rest.split("|", 1)[0] if piped else rest)
+    reason = ""
+    if conf is None and piped and rest.count("|") >= 1:
+        # "ACTION | reason | confidence": the last field, when the second holds no confidence
+        head, _, last = rest.rpartition("|")
+        if _BARE_NUMBER_RE.fullmatch(last.strip()):  # a bare number, never a reason's "2 lows"
+            conf = _confidence(last)
+            reason = head.strip()
     if conf is None:
         return None
-    reason = (
-        rest.split("|", 1)[1].strip() if "|" in rest else _NUMBER_RE.sub("", rest, count=1).strip(" :,-|")
-    )
+    if not reason:
+        reason = (
+            rest.split("|", 1)[1].strip() if "|" in rest else _NUMBER_RE.sub("", rest, count=1).strip(" :,-|")
+        )
     return ParsedAnswer(action, round(conf, 4), reason[:REASON_MAX_CHARS])
+
+
+_BARE_NUMBER_RE = re.compile(r"[+\-\u2212]?(\d+(\.\d*)?|\.\d+)\s*%?")
 
 
 def cap_answer(text: str) -> tuple[str, bool]:

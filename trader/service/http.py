@@ -78,6 +78,7 @@ class RefusalLimiter:
         if len(self._seen) > 10_000:  # many sources: forget the idle ones
             for k in [k for k, v in self._seen.items() if not v or now - v[-1] >= self.window_s]:
                 self._seen.pop(k, None)
+                self._suppressed.pop(k, None)
         return True, self._suppressed.pop(source, 0)
 
 
