@@ -218,7 +218,7 @@ class RequestGate:
 
 def retry_wait(first_s: float, max_s: float) -> Callable[[RetryCallState], float]:
     """Tenacity wait: exponential back-off with jitter, but never before a limit's ``retry_at``."""
-    backoff = expo(initial=first_s, max=max_s, jitter=first_s)
+    backoff = expo(multiplier=first_s, max=max_s, jitter=first_s)
 
     def wait(rs: RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome is not None else None
