@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import flat, make_settings
+from tests.integration.test_llm import q
 from tests.llm_server import ScriptedChatServer
 from trader.config import LLMModelConfig, Settings
 from trader.domain import Action, Advice, MarketContext
@@ -102,14 +102,6 @@ def replay(tmp_path: Path, name: str, **advisor: Any) -> tuple[Any, Any, Path]:
     run.journal.finish_run(run.run_id, stats.status, stats.bars, 0, {})
     run.journal.close()
     return run, stats, db
-
-
-def q(db: Path, sql: str, *args: object) -> list[tuple]:
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
 
 
 def methods(db: Path, run_id: str) -> set[str]:

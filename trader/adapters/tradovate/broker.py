@@ -64,7 +64,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type
 
 from trader.adapters.tradovate.protocol import iso_to_ns
 from trader.adapters.tradovate.rest import (
@@ -74,7 +73,7 @@ from trader.adapters.tradovate.rest import (
     TradovateError,
     TradovateRest,
     TransientError,
-    retry_wait,
+    reconnecting,
 )
 from trader.adapters.tradovate.socket import SocketClosed, TradovateSocket
 from trader.config import Settings
@@ -346,16 +345,8 @@ class TradovateBroker:
             self.disconnected_at = time.monotonic()
             self.reconnects += 1
             log.warning("user_connection_lost", reason=sock.close_reason)
-            async for attempt in AsyncRetrying(
-                # anything: user data must come back (a bad answer is retried, logged, not fatal)
-                retry=retry_if_exception_type(Exception),
-                wait=retry_wait(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s),
-                before_sleep=lambda rs: log.warning(
-                    "user_reconnect_wait",
-                    attempt=rs.attempt_number,
-                    error=str(rs.outcome.exception()) if rs.outcome else "",
-                ),
-            ):
+            # anything: user data must come back (a bad answer is retried, logged, not fatal)
+            async for attempt in reconnecting(self.cfg, "user_reconnect_wait", Exception):
                 with attempt:
                     await self._connect()
             # on the worker, like every other broker call: never beside a send in progress

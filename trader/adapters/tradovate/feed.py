@@ -31,7 +31,6 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type
 
 from trader.adapters.tradovate.protocol import iso_to_ns, ns_to_iso
 from trader.adapters.tradovate.rest import (
@@ -40,7 +39,7 @@ from trader.adapters.tradovate.rest import (
     TradovateError,
     TradovateRest,
     TransientError,
-    retry_wait,
+    reconnecting,
 )
 from trader.adapters.tradovate.socket import RequestFailed, SocketClosed, TradovateSocket
 from trader.config import Settings
@@ -190,15 +189,7 @@ class TradovateFeed:
     async def _maintain(self) -> None:
         await self.rest.start()
         while True:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(RECONNECTABLE),
-                wait=retry_wait(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s),
-                before_sleep=lambda rs: log.warning(
-                    "md_reconnect_wait",
-                    attempt=rs.attempt_number,
-                    error=str(rs.outcome.exception()) if rs.outcome else "",
-                ),
-            ):
+            async for attempt in reconnecting(self.cfg, "md_reconnect_wait", RECONNECTABLE):
                 with attempt:
                     await self._connect_and_subscribe()
             sock = self._socket

@@ -46,7 +46,13 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 from pydantic import SecretStr
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_delay,
+)
 from tenacity import wait_exponential_jitter as expo
 
 from trader.config import TradovateConfig
@@ -214,6 +220,22 @@ class RequestGate:
                 self._next = max(now, self._next) + self.interval
                 self._sent.append(now)
                 return
+
+
+def reconnecting(
+    cfg: TradovateConfig, event: str, retry_on: type[BaseException] | tuple[type[BaseException], ...]
+) -> AsyncRetrying:
+    """A socket's reconnect attempts: back-off with jitter (never inside a limit), each wait
+    logged as ``event`` with the attempt and the error."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(retry_on),
+        wait=retry_wait(cfg.reconnect_initial_s, cfg.reconnect_max_s),
+        before_sleep=lambda rs: log.warning(
+            event,
+            attempt=rs.attempt_number,
+            error=str(rs.outcome.exception()) if rs.outcome else "",
+        ),
+    )
 
 
 def retry_wait(first_s: float, max_s: float) -> Callable[[RetryCallState], float]:
