@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import signal
 import sys
 import time
 from collections.abc import Coroutine
@@ -103,12 +102,20 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 class _Progress:
-    """A one-line progress bar on a terminal (stderr); silent otherwise."""
+    """A one-line progress bar on a terminal (stderr); silent otherwise. A run observer: it
+    counts the bars the engine reports after each batch."""
 
-    def __init__(self, total: int) -> None:
-        self.total = max(total, 1)
+    def __init__(self) -> None:
+        self.total = 1
         self.enabled = sys.stderr.isatty()
         self.t0 = time.perf_counter()
+
+    def on_event(self, event: object) -> None:
+        from trader.domain import BatchDone
+
+        if isinstance(event, BatchDone):
+            self.total = max(event.total_bars or event.bars, 1)
+            self(event.bars)
 
     def __call__(self, done: int) -> None:
         if not self.enabled:
@@ -125,48 +132,17 @@ class _Progress:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from trader.llm.isolation import pin_bar_loop
-    from trader.report import build_report, format_table, write_json, write_plot_html
-    from trader.wiring import build_replay
+    from trader.replay import run_replay
+    from trader.report import format_table, write_json, write_plot_html
 
-    run = build_replay(settings)
-    pin_bar_loop(settings.cpu)
-    engine, journal = run.engine, run.journal
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, engine.request_stop)
-    assert run.recorded is not None
-    usable, warmup = int(run.recorded.accepted().sum()), settings.features.warmup_bars
-    to_decide = run.recorded.bars_after_warmup(warmup)
-    progress = _Progress(len(run.recorded))
-    engine.progress = progress
-    status = "failed"
+    progress = _Progress()
     try:
-        stats = await engine.run()
-        status = stats.status
+        out = await run_replay(settings, observers=(progress,))
     finally:
         progress.close()
-        await engine.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        from trader.report import llm_report
-
-        report = build_report(
-            engine.stats,
-            engine.portfolio.trades,
-            settings.account.starting_balance_usd,
-            engine.clock,
-            {
-                "run_id": run.run_id,
-                "journal": str(journal.path),
-                "llm": llm_report(engine.advisor, engine.stats, settings.advisor.mode),
-            },
-        )
-        try:
-            journal.finish_run(run.run_id, status, engine.stats.bars, report["bars_rejected"], report)
-        finally:
-            journal.close()
+    report, status = out.report, out.status
     print(format_table(report))
+    to_decide, usable, warmup = out.decided_bars, out.usable_bars, out.warmup_bars
     if to_decide == 0:
         print(
             f"\nnothing was decided: all {usable} usable bars were warm-up "
@@ -180,13 +156,11 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     plot = args.plot or (
         Path(args.report).with_suffix(".html")
         if args.report
-        else journal.path.parent / f"equity-{run.run_id[:8]}.html"
+        else out.journal_path.parent / f"equity-{out.run_id[:8]}.html"
     )
-    write_plot_html(
-        engine.stats, settings.account.starting_balance_usd, plot, f"trader replay {run.run_id[:8]}"
-    )
+    write_plot_html(out.stats, settings.account.starting_balance_usd, plot, f"trader replay {out.run_id[:8]}")
     print(
-        f"\njournal: {journal.path}  run: {run.run_id}  plot: {plot}"
+        f"\njournal: {out.journal_path}  run: {out.run_id}  plot: {plot}"
         + (f"  report: {args.report}" if args.report else "")
     )
     if to_decide == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -298,6 +299,79 @@ class ComponentHealth:
     disconnected_s: float = 0.0  # how long it has been down (0 while connected)
     counters: tuple[tuple[str, int], ...] = ()
     degraded: str = ""  # up, but limited (a lockout, a penalty): /healthz says so, the watchdog not
+
+
+# -- what a run tells its watchers (dashboard, notifications, progress) -----------------------------
+@dataclass(frozen=True, slots=True)
+class BarDecided:
+    """One decided bar (warm-up bars included, ``ready`` False): the policy's probabilities, the
+    advice used, fusion's decision, risk's verdict, and the account after it. Prices in points,
+    money in USD."""
+
+    bar_index: int
+    bar: Bar
+    ready: bool
+    probs: Sequence[float]
+    decision: Decision
+    advice: Advice | None
+    verdict: Verdict
+    position: int
+    equity_usd: float
+    stop_price: float | None
+    latency_us: float
+    llm_busy: bool  # an LLM query was in flight while this bar was decided
+
+
+@dataclass(frozen=True, slots=True)
+class FillApplied:
+    """A fill entered the portfolio; ``trades`` are the round trips it closed."""
+
+    fill: Fill
+    position: int
+    avg_entry: float
+    stop_price: float | None
+    trades: tuple[Trade, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StopMoved:
+    """The protective stop changed (``new`` None = no stop): break-even, trailing or a resync."""
+
+    ts_ns: int
+    old: float | None
+    new: float | None
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class HaltChanged:
+    """The reasons entries are halted changed; empty ``reasons`` = entries allowed again."""
+
+    ts_ns: int
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """A trading session ended (seen at the first bar of the next one, or at the end of a run)."""
+
+    session_id: int
+    last_ts_ns: int
+    net_pnl_usd: float
+    trades: int
+    equity_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    """The feed's batch is done: ``bars`` decided so far of the feed's ``total_bars`` rows (None
+    for a live feed), for progress displays."""
+
+    bars: int
+    total_bars: int | None
+
+
+RunEvent = BarDecided | FillApplied | StopMoved | HaltChanged | SessionEnded | BatchDone
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,19 +28,26 @@ from trader.domain import (
     Action,
     Advice,
     Bar,
+    BarDecided,
+    BatchDone,
     BatchKind,
     BrokerBlocked,
     BrokerEvent,
     BrokerProblem,
     Decision,
     Fill,
+    FillApplied,
+    HaltChanged,
     Observed,
     OrderIntent,
     OrderKind,
     OrderRejected,
     PolicyChoice,
     ReconcileReport,
+    RunEvent,
+    SessionEnded,
     Side,
+    StopMoved,
     Verdict,
 )
 from trader.execution import reconcile
@@ -51,7 +58,16 @@ from trader.features.validation import BarValidator
 from trader.journal import rows
 from trader.journal.rows import Row
 from trader.logs import BAR as _BAR_CLOCK
-from trader.ports import AdviceSource, Broker, FeatureSource, Feed, FusionStrategy, JournalSink, Policy
+from trader.ports import (
+    AdviceSource,
+    Broker,
+    FeatureSource,
+    Feed,
+    FusionStrategy,
+    JournalSink,
+    Policy,
+    RunObserver,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -158,6 +174,7 @@ class Engine:
         adopt_broker_state: bool = False,
         real_broker: bool = False,
         first_index: int = 0,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
         self.settings = settings
         self.feed = feed
@@ -185,7 +202,10 @@ class Engine:
         self.stats = RunStats()
         self.bar_index = first_index  # index of the next decided bar
         self.primed = 0  # warm-up bars taken before the first decided bar (live history)
-        self.progress: Callable[[int], None] | None = None
+        # watchers of the run (dashboard, notifications, progress): told of every RunEvent
+        self._observers: list[RunObserver] = list(observers)
+        self._halt_seen: tuple[str, ...] = ()
+        self._stop_seen: float | None = None
         self.busy_since = 0.0  # monotonic time the current bar started (0 = between bars)
         self.last_bar_at = 0.0  # monotonic time the last bar finished
         self.last_bar: Bar | None = None
@@ -235,8 +255,8 @@ class Engine:
                             self.busy_since = 0.0
                         if self._stop_requested:
                             break
-                    if self.progress is not None:
-                        self.progress(stats.bars)
+                    if self._observers:
+                        self._publish(BatchDone(stats.bars, self.feed.total_bars))
                     if self._stop_requested:
                         stats.status = "stopped"
                         break
@@ -333,7 +353,10 @@ class Engine:
         if self.journal_bars:
             self._journal_bar("bar", i, bar)
         local_s = clock.local_s(ts)
-        pf.mark_bar(bar, clock.session_of_local(local_s))
+        session = clock.session_of_local(local_s)
+        if self._observers and session != pf.session_id:
+            self._session_ended()
+        pf.mark_bar(bar, session)
         obs = self.features.update(bar)  # 2
         snap = pf.snapshot()  # 3
         self.account_features.fill(obs, snap, bar.close, self.features.atr, pf.daily_trades)
@@ -465,6 +488,25 @@ class Engine:
         self._in_bar = False
         if self._pending_controls:
             self._flush_controls()
+        if self._observers and not self._redriving:
+            self._publish(
+                BarDecided(
+                    i,
+                    bar,
+                    decision.method != "warmup",
+                    probs,
+                    decision,
+                    advice,
+                    verdict,
+                    pf.position,
+                    equity,
+                    pf.stop_price,
+                    latency_ns / 1000.0,
+                    llm_busy,
+                )
+            )
+            self.watch_controls()
+            self._watch_stop(bar.ts_ns)
 
     # -- recovery -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -524,6 +566,9 @@ class Engine:
         events = self.broker.drain_events()
         if events:
             self._apply_events(events)
+            if self._observers and not self._redriving:
+                self.watch_controls()
+                self._watch_stop(self.last_bar.ts_ns if self.last_bar is not None else 0)
 
     async def flatten_now(self, reason: str) -> None:
         """Close the position now, between bars (the service stopping with ``on_stop =
@@ -574,6 +619,54 @@ class Engine:
         self.fusion = parts.fusion
         self.risk = parts.risk
 
+    # -- watchers -----------------------------------------------------------------------------------
+    def watch_controls(self) -> None:
+        """Tell the observers when the reasons entries are halted changed (the engine calls it after
+        each bar and broker event; the service after it changed a control between bars)."""
+        if not self._observers:
+            return
+        reasons = tuple(self.controls.halt_reasons())
+        if reasons != self._halt_seen:
+            self._halt_seen = reasons
+            ts = self.last_bar.ts_ns if self.last_bar is not None else 0
+            self._publish(HaltChanged(ts, reasons))
+
+    def end_of_run(self) -> None:
+        """The run is over: the last session's summary goes to the observers."""
+        if self._observers:
+            self._session_ended()
+            self.watch_controls()
+
+    def _session_ended(self) -> None:
+        pf = self.portfolio
+        if pf.session_id < 0 or self.last_bar is None:
+            return
+        equity = pf.balance_usd + pf.unrealized_usd
+        self._publish(
+            SessionEnded(
+                pf.session_id,
+                self.last_bar.ts_ns,
+                equity - pf.session_start_equity,
+                pf.daily_trades,
+                equity,
+            )
+        )
+
+    def _watch_stop(self, ts_ns: int) -> None:
+        pf = self.portfolio
+        if pf.stop_price != self._stop_seen:
+            old, self._stop_seen = self._stop_seen, pf.stop_price
+            self._publish(StopMoved(ts_ns, old, pf.stop_price, pf.position))
+
+    def _publish(self, event: RunEvent) -> None:
+        for obs in tuple(self._observers):
+            try:
+                obs.on_event(event)
+            except Exception:
+                # a watcher must never stop trading: it is dropped, once, loudly
+                log.exception("run_observer_failed_dropped", observer=type(obs).__name__)
+                self._observers.remove(obs)
+
     # -- internals ----------------------------------------------------------------------------------
     def _record(self, row: Row) -> None:
         if not self._redriving:
@@ -614,6 +707,8 @@ class Engine:
         if self._given_fills is None:
             await self.broker.set_stop(price)
         self.portfolio.set_stop(price)
+        if self._observers:
+            self._watch_stop(self.last_bar.ts_ns if self.last_bar is not None else 0)
 
     def _apply_events(self, events: list[BrokerEvent]) -> None:
         for e in events:
@@ -665,8 +760,12 @@ class Engine:
         pf = self.portfolio
         self.stats.fills += 1
         self._record(rows.fill(self.run_id, self.stats.fills, f))
-        for t in pf.apply_fill(f):
+        closed = pf.apply_fill(f)
+        for t in closed:
             self._trade_seq += 1
             self._record(rows.trade(self.run_id, self._trade_seq, t))
         pf.set_stop(working_stop if pf.position else None)
         self._record(rows.account(self.run_id, f.ts_ns, pf.snapshot(), f"fill:{f.purpose}"))
+        if self._observers and not self._redriving:
+            self._publish(FillApplied(f, pf.position, pf.avg_entry, pf.stop_price, tuple(closed)))
+            self._watch_stop(f.ts_ns)

@@ -25,6 +25,7 @@ from trader.domain import (
     OrderIntent,
     PolicyChoice,
     PortfolioSnapshot,
+    RunEvent,
 )
 from trader.errors import ConfigError
 
@@ -46,7 +47,11 @@ class Batch(NamedTuple):
 
 
 class Feed(Protocol):
-    """Bars in time order, in batches (a live feed: batches of one)."""
+    """Bars in time order, in batches (a live feed: batches of one). ``total_bars``: how many
+    rows a recorded feed holds (progress displays), None for a live feed."""
+
+    @property
+    def total_bars(self) -> int | None: ...
 
     def batches(self) -> AsyncIterator[Batch]: ...
 
@@ -181,6 +186,14 @@ class JournalSink(Protocol):
     def discard_uncommitted(self, keep: tuple[str, ...] = ()) -> None: ...
 
     def update_config(self, run_id: str, config_json: str) -> None: ...
+
+
+class RunObserver(Protocol):
+    """Watches a run (live dashboard, notifications, progress display). Called on the bar loop for
+    every :data:`~trader.domain.RunEvent`, so it only records and returns: no I/O, no waiting, no
+    exceptions (the engine logs and drops an observer that raises, once)."""
+
+    def on_event(self, event: RunEvent) -> None: ...
 
 
 class FusionStrategy(Protocol):

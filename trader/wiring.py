@@ -11,6 +11,7 @@ nothing is swapped afterwards.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from trader.features.validation import BarValidator
 from trader.feeds.replay import RecordedBars, ReplayFeed, load_bars
 from trader.journal import Journal, reader
 from trader.policy import build_policy
-from trader.ports import AdviceSource, Broker, FeatureSource, Feed, JournalSink, Policy, RiskRule
+from trader.ports import AdviceSource, Broker, FeatureSource, Feed, JournalSink, Policy, RiskRule, RunObserver
 
 log = structlog.get_logger(__name__)
 
@@ -141,6 +142,7 @@ def _assemble(
     advisor_timing: str,
     journal_bars: bool,
     recorded: RecordedBars | None,
+    observers: Sequence[RunObserver] = (),
 ) -> Run:
     """The engine and its run from built parts; the journal is closed if this fails."""
     clock: SessionClock = features.clock  # type: ignore[attr-defined]
@@ -166,6 +168,7 @@ def _assemble(
         journal_bars=journal_bars,
         adopt_broker_state=settings.tradovate.adopt_broker_state,
         real_broker=broker.name != "paper",
+        observers=observers,
     )
     structlog.contextvars.bind_contextvars(run_id=run_id[:8], mode=mode)
     return Run(engine, journal, run_id, mode, controls, recorded)
@@ -179,6 +182,7 @@ def build_replay(
     mode: str = "replay",
     run_id: str | None = None,
     resume: bool = False,
+    observers: Sequence[RunObserver] = (),
 ) -> Run:
     """Recorded bars ─▶ bulk features, paper broker, policy, journal (replay, and the service's
     paper trading on recorded bars)."""
@@ -201,6 +205,7 @@ def build_replay(
         advisor_timing=advisor_timing,
         journal_bars=False,
         recorded=recorded,
+        observers=observers,
     )
     log.info(
         "replay_ready",
@@ -213,7 +218,12 @@ def build_replay(
 
 
 def build_live(
-    settings: Settings, journal_path: str | Path, mode: str, run_id: str | None = None, resume: bool = False
+    settings: Settings,
+    journal_path: str | Path,
+    mode: str,
+    run_id: str | None = None,
+    resume: bool = False,
+    observers: Sequence[RunObserver] = (),
 ) -> Run:
     """Tradovate market data ─▶ incremental features, the paper (``paper``) or Tradovate
     (``live``) broker; every bar journaled (the recovery source)."""
@@ -252,12 +262,19 @@ def build_live(
         advisor_timing="wall",
         journal_bars=True,
         recorded=None,
+        observers=observers,
     )
     log.info("live_ready", source=source, layout_hash=features.layout.hash, broker=broker.name)
     return run
 
 
-async def open_service_run(settings: Settings, mode: str, journal_path: Path, fresh: bool) -> Run:
+async def open_service_run(
+    settings: Settings,
+    mode: str,
+    journal_path: Path,
+    fresh: bool,
+    observers: Sequence[RunObserver] = (),
+) -> Run:
     """The service's run: the journal's latest run of this mode continues (after a crash, a
     graceful stop, a failed run or a restart: same account, position, stops and operator
     state), re-driven from the journal; a new account only with ``fresh`` or a new journal."""
@@ -283,10 +300,16 @@ async def open_service_run(settings: Settings, mode: str, journal_path: Path, fr
         raise ConfigError("service.feed: live mode needs the live feed (tradovate), not recorded bars")
     run_id = None if resume is None else resume.run_id
     if live_feed:
-        run = build_live(settings, journal_path, mode, run_id, resume is not None)
+        run = build_live(settings, journal_path, mode, run_id, resume is not None, observers)
     else:
         run = build_replay(
-            settings, journal_path, mode=mode, advisor_timing="wall", run_id=run_id, resume=resume is not None
+            settings,
+            journal_path,
+            mode=mode,
+            advisor_timing="wall",
+            run_id=run_id,
+            resume=resume is not None,
+            observers=observers,
         )
     run.continues = resume
     if resume is not None:

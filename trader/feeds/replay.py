@@ -587,6 +587,10 @@ class ReplayFeed:
         """Continue from ``next_row`` (the rows before it were re-driven from the journal)."""
         self.start_row = next_row
 
+    @property
+    def total_bars(self) -> int:
+        return len(self.recorded)
+
     def health(self) -> ComponentHealth:
         return ComponentHealth("recorded", not self.done)
 

@@ -273,6 +273,8 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
 
 
 class _NoFeed:
+    total_bars: int | None = None
+
     async def batches(self) -> AsyncGenerator[Batch, None]:
         return
         yield

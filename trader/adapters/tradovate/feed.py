@@ -104,6 +104,7 @@ class TradovateFeed:
 
     def __init__(self, settings: Settings, rest: TradovateRest, resume_after_ns: int | None = None) -> None:
         self.cfg = settings.tradovate
+        self.total_bars: int | None = None  # a live feed has no end
         self.bar_s = settings.data.bar_seconds
         self.rest = rest
         self.assembler = BarAssembler(-1 if resume_after_ns is None else resume_after_ns)
