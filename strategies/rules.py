@@ -1,6 +1,7 @@
 """Rule policies for ``trader replay --policy strategies.rules:EmaCross`` (periods from
-``[policy.options]``: ``fast``, ``slow``) and ``strategies.rules:Flat``."""
+``[policy.options]``: ``fast``, ``slow``), ``strategies.rules:Flat`` and
+``strategies.rules:BuyAndHold``."""
 
-from trader.policy.rules import EmaCross, Flat
+from trader.policy.rules import BuyAndHold, EmaCross, Flat
 
-__all__ = ["EmaCross", "Flat"]
+__all__ = ["BuyAndHold", "EmaCross", "Flat"]

@@ -38,12 +38,16 @@ def write_policy(
     mask_in_graph: bool = True,
     seed: int = 0,
     extra_meta: dict[str, str] | None = None,
+    weights: np.ndarray | None = None,
 ) -> Path:
-    """A real ONNX MLP with the daemon's contract (or a deliberately broken variant of it)."""
+    """A real ONNX MLP with the daemon's contract (or a deliberately broken variant of it).
+    ``weights``: the [6, dim] matrix of the logits (default: small random weights from ``seed``)."""
     layout = layout or build_layout(True)
     dim = dim or layout.dim
     rng = np.random.default_rng(seed)
     w = (rng.normal(size=(6, dim)) * 0.01).astype(np.float32)
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float32).reshape(6, dim)
     b = np.asarray(bias if bias is not None else [0.0] * 6, dtype=np.float32)
     obs_name, mask_name = input_names
     nodes = [helper.make_node("Gemm", [obs_name, "W", "B"], ["logits"], transB=1)]

@@ -1,8 +1,9 @@
 """Replay benchmark: end-to-end bars/s and per-bar decision latency, printed as JSON.
 
 End to end = policy + fusion + risk + paper broker + journal (LLM off), over the shared NQ
-file (or --data). Feature precomputation and file loading are timed separately (``setup_s``).
-Decision latency is bar in ─▶ order intent out, per bar, in microseconds.
+file (or --data), at each ``journal.level`` (full, trades, summary). Feature precomputation and
+file loading are timed separately (``setup_s``). Decision latency is bar in ─▶ order intent out,
+per bar, in microseconds. ``--memory``: peak RSS of one replay of the data and of ten copies of it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,18 @@ SHARED = (
 )
 
 
-def _one(data: Path) -> dict[str, float]:
+def _one(data: Path, level: str = "full", batch_bars: int | None = None) -> dict[str, float]:
     from trader.llm.isolation import pin_bar_loop
     from trader.wiring import build_replay
 
-    settings = load_settings(None, {"data": {"paths": [str(data)]}, "advisor": {"mode": "off"}})
+    overrides: dict[str, Any] = {
+        "data": {"paths": [str(data)]},
+        "advisor": {"mode": "off"},
+        "journal": {"level": level},
+    }
+    if batch_bars is not None:
+        overrides["policy"] = {"batch_bars": batch_bars}
+    settings = load_settings(None, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run = build_replay(settings, Path(tmp) / "bench.sqlite")
@@ -41,6 +49,7 @@ def _one(data: Path) -> dict[str, float]:
         run.journal.close()  # the journal's last batch is part of the work
         wall = time.perf_counter() - t1
     lat = np.asarray(stats.latencies_ns, dtype=np.float64) / 1000.0
+    ahead = run.engine.look_ahead
     return {
         "bars": stats.bars,
         "setup_s": setup,
@@ -50,6 +59,7 @@ def _one(data: Path) -> dict[str, float]:
         "p50_us": float(np.percentile(lat, 50)),
         "p99_us": float(np.percentile(lat, 99)),
         "max_us": float(lat.max()),
+        "policy_calls": ahead.evaluations if ahead is not None else stats.bars - run.engine.warmup,
     }
 
 
@@ -108,7 +118,7 @@ def llm_bar_path_once(
         run.journal.close()
     lat = np.asarray(stats.latencies_ns, dtype=np.float64) / 1000.0
     busy = np.asarray(stats.llm_busy, dtype=bool)
-    decided = np.arange(len(lat)) >= settings.features.warmup_bars  # warm-up bars ask nothing
+    decided = np.arange(len(lat)) >= engine.warmup  # warm-up bars ask nothing
     on, off = lat[decided & busy], lat[decided & ~busy]
     adv: Any = engine.advisor
     llm_ms = np.asarray(adv.stats.latencies_s) * 1000.0 if adv is not None else np.zeros(0)
@@ -183,24 +193,54 @@ def llm_main(runs: int = 5, answer_latency: bool = True) -> int:
     return 0
 
 
-def main(data: Path | None = None, repeat: int = 5) -> int:
+LEVELS = ("full", "trades", "summary")
+
+
+def main(
+    data: Path | None = None,
+    repeat: int = 5,
+    levels: tuple[str, ...] = LEVELS,
+    batch_bars: int | None = None,
+) -> int:
+    """The replay benchmark at each ``journal.level`` (the levels take turns, so a drift of this
+    VM's speed spreads over all of them); the top-level numbers are the first level's."""
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     path = Path(data or os.environ.get("TRADER_BENCH_DATA") or SHARED)
-    runs = [_one(path) for _ in range(max(1, repeat))]
+    runs: dict[str, list[dict[str, float]]] = {level: [] for level in levels}
+    for _ in range(max(1, repeat)):
+        for level in levels:
+            runs[level].append(_one(path, level, batch_bars))
+    per_level = {level: _summary(r) for level, r in runs.items()}
+    first = per_level[levels[0]]
+    out = {
+        "benchmark": f"replay_end_to_end_llm_off (median run), journal.level = {levels[0]}",
+        "data": str(path),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "repeat": max(1, repeat),
+        "policy_batch_bars": batch_bars if batch_bars is not None else load_settings(None).policy.batch_bars,
+        **first,
+        "journal_levels": {
+            level: {k: v[k] for k in ("bars_per_second", "decision_latency_us", "all_runs_bars_per_second")}
+            for level, v in per_level.items()
+        },
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _summary(runs: list[dict[str, float]]) -> dict[str, Any]:
     # This VM's speed drifts between runs; report the median run, and the best beside it.
     ranked = sorted(runs, key=lambda r: r["bars_per_second"])
     best = ranked[len(ranked) // 2]
-    out = {
-        "benchmark": "replay_end_to_end_llm_off (median run)",
-        "data": str(path),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
-        "repeat": len(runs),
+    return {
         "bars": best["bars"],
         "bars_per_second": round(best["bars_per_second"], 1),
         "bars_per_second_incl_setup": round(best["bars_per_second_incl_setup"], 1),
         "setup_s": round(best["setup_s"], 3),
+        "policy_calls": int(best["policy_calls"]),
         "decision_latency_us": {
             "p50": round(best["p50_us"], 1),
             "p99": round(best["p99_us"], 1),
@@ -210,5 +250,87 @@ def main(data: Path | None = None, repeat: int = 5) -> int:
         "all_runs_bars_per_second": [round(r["bars_per_second"], 1) for r in runs],
         "all_runs_p99_us": [round(r["p99_us"], 1) for r in runs],
     }
-    print(json.dumps(out, indent=2))
+
+
+# -- memory ----------------------------------------------------------------------------------------
+def long_data(src: Path, copies: int, out: Path) -> Path:
+    """``copies`` back-to-back copies of a CSV of bars, each shifted three weeks later in time (so
+    weekdays and sessions keep their place): a longer market for the memory measurement."""
+    import datetime as dt
+
+    import polars as pl
+
+    df = pl.read_csv(src, infer_schema=False)
+    ts = pl.col(df.columns[0]).str.to_datetime("%Y-%m-%d %H:%M:%S")
+    span = dt.timedelta(weeks=3 * max(1, -(-_span_days(df) // 21)))
+    parts = [
+        df.with_columns((ts + span * k).dt.strftime("%Y-%m-%d %H:%M:%S").alias(df.columns[0]))
+        for k in range(copies)
+    ]
+    pl.concat(parts).write_csv(out)
+    return out
+
+
+def _span_days(df: Any) -> int:
+    import datetime as dt
+
+    first, last = (dt.datetime.fromisoformat(df[0, 0]), dt.datetime.fromisoformat(df[-1, 0]))
+    return (last - first).days + 1
+
+
+def memory_child(data: str, level: str) -> None:
+    """One replay in this (fresh) process; prints its peak RSS as JSON (the parent's subprocess)."""
+    import resource
+
+    import structlog
+
+    from trader.replay import replay
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    settings = load_settings(
+        None, {"data": {"paths": [data]}, "advisor": {"mode": "off"}, "journal": {"level": level}}
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        out = replay(settings, journal_path=Path(tmp) / "memory.sqlite")
+        wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "bars": out.stats.bars,
+                "peak_rss_mb": round(peak / 1024, 1),
+                "rss_before_replay_mb": round(before / 1024, 1),
+                "replay_s_incl_setup": round(wall, 2),
+            }
+        )
+    )
+
+
+def memory_main(data: Path | None = None, copies: int = 10, level: str = "full") -> int:
+    """Peak RSS of one replay (in a fresh process each) of the data and of ``copies`` copies of it
+    back to back: how memory grows with the length of the replay."""
+    import subprocess
+    import sys
+
+    path = Path(data or os.environ.get("TRADER_BENCH_DATA") or SHARED)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        long = long_data(path, copies, Path(tmp) / f"x{copies}.csv")
+        for name, p in (("x1", path), (f"x{copies}", long)):
+            code = f"from trader.bench import memory_child; memory_child({str(p)!r}, {level!r})"
+            proc = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(
+        json.dumps(
+            {"benchmark": "replay_peak_rss", "data": str(path), "journal_level": level, **results}, indent=2
+        )
+    )
     return 0

@@ -1,5 +1,5 @@
-"""Command line: ``trader replay | run | record | check-config | tradovate-check | features |
-llm-dataset | bench``.
+"""Command line: ``trader replay | run | record | check-config | report | tradovate-check |
+features | layout-hash | llm-dataset | sweep | walk-forward | compare | bench``.
 
 Exit codes: 0 ok, 1 run failed, 2 bad configuration, data or policy (message on stderr).
 """
@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import math
 import sys
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,6 +69,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         data["end"] = args.date_to
     if getattr(args, "speed", None) is not None:
         data["speed"] = args.speed
+    if getattr(args, "close_at_end", False):
+        data["close_at_end"] = True
     if data:
         o["data"] = data
     if getattr(args, "policy", None):
@@ -83,17 +84,26 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         advisor["mode"] = args.llm
     if getattr(args, "llm_journal", None):
         advisor["recorded_journal"] = str(Path(args.llm_journal).resolve())
+    if getattr(args, "llm_schedule", None):
+        advisor["schedule"] = args.llm_schedule
     if advisor:
         o["advisor"] = advisor
     return o
 
 
 def _settings_with_recorded_default(args: argparse.Namespace) -> Settings:
-    """For --llm recorded without --llm-journal, read the answers from this run's journal file."""
+    """Replay's defaults: for --llm recorded without --llm-journal, read the answers from this
+    run's journal file; without --llm-schedule, ask the LLM on entry decisions only unless the
+    config file or the environment names ``advisor.schedule`` (the demo in about a minute; the
+    service's interval schedule is ``--llm-schedule interval``)."""
     o = _overrides(args)
-    if o.get("advisor", {}).get("mode") == "recorded" and "recorded_journal" not in o["advisor"]:
-        journal = o.get("journal", {}).get("path") or str(load_settings(args.config).journal.path)
-        o["advisor"]["recorded_journal"] = str(Path(journal).resolve())
+    base = load_settings(args.config)
+    advisor = o.setdefault("advisor", {})
+    if advisor.get("mode") == "recorded" and "recorded_journal" not in advisor:
+        journal = o.get("journal", {}).get("path") or str(base.journal.path)
+        advisor["recorded_journal"] = str(Path(journal).resolve())
+    if "schedule" not in advisor and "schedule" not in base.advisor.model_fields_set:
+        advisor["schedule"] = "entries"
     return load_settings(args.config, o)
 
 
@@ -101,47 +111,18 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, _overrides(args))
 
 
-class _Progress:
-    """A one-line progress bar on a terminal (stderr); silent otherwise. A run observer: it
-    counts the bars the engine reports after each batch."""
-
-    def __init__(self) -> None:
-        self.total = 1
-        self.enabled = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def on_event(self, event: object) -> None:
-        from trader.domain import BatchDone
-
-        if isinstance(event, BatchDone):
-            self.total = max(event.total_bars or event.bars, 1)
-            self(event.bars)
-
-    def __call__(self, done: int) -> None:
-        if not self.enabled:
-            return
-        frac = min(done / self.total, 1.0)
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\rreplay [{bar:<30}] {frac:6.1%} {done}/{self.total} bars {rate:,.0f} bars/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from trader.replay import run_replay
-    from trader.report import format_table, write_json, write_plot_html
+    from trader.report import write_json
+    from trader.report.page import write_report_html
+    from trader.report.progress import ReplayProgress
+    from trader.report.tables import report_table, terminal
 
-    progress = _Progress()
-    try:
-        out = await run_replay(settings, observers=(progress,))
-    finally:
-        progress.close()
+    progress = ReplayProgress(settings.account.starting_balance_usd, settings.advisor.mode)
+    with progress:  # drawn on a terminal only; a pipe gets nothing extra
+        out = await run_replay(settings, observers=(progress,) if progress.enabled else ())
     report, status = out.report, out.status
-    print(format_table(report))
+    terminal().print(report_table(report))
     to_decide, usable, warmup = out.decided_bars, out.usable_bars, out.warmup_bars
     if to_decide == 0:
         print(
@@ -153,14 +134,10 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         print(f"\ndecided {to_decide} of {usable} bars; the first {warmup} warm the indicators up")
     if args.report:
         write_json(report, args.report)
-    plot = args.plot or (
-        Path(args.report).with_suffix(".html")
-        if args.report
-        else out.journal_path.parent / f"equity-{out.run_id[:8]}.html"
-    )
-    write_plot_html(out.stats, settings.account.starting_balance_usd, plot, f"trader replay {out.run_id[:8]}")
+    page = args.plot or (Path(args.report).with_suffix(".html") if args.report else None)
+    page = write_report_html(out.journal_path, out.run_id, page)
     print(
-        f"\njournal: {out.journal_path}  run: {out.run_id}  plot: {plot}"
+        f"\njournal: {out.journal_path}  run: {out.run_id}  page: {page}"
         + (f"  report: {args.report}" if args.report else "")
     )
     if to_decide == 0:
@@ -170,9 +147,10 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from trader.logs import configure_logging
+    from trader.report.progress import CurrentStderr
 
     settings = _settings_with_recorded_default(args)
-    configure_logging(settings.logging)
+    configure_logging(settings.logging, CurrentStderr())  # log lines go above the progress display
     return run_loop(_replay(settings, args))
 
 
@@ -184,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.data:  # recorded bars instead of the live feed: paper trading on a replayed market
         overrides.setdefault("service", {})["feed"] = "recorded"
     settings = load_settings(args.config, overrides)
-    configure_logging(settings.logging, sys.stdout)  # JSON lines to stdout for journald
+    configure_logging(settings.logging, sys.stdout)  # to stdout for journald (units set format json)
     return run_loop(run_service(settings, args.config, overrides, args.mode, None, fresh=args.fresh))
 
 
@@ -210,7 +188,33 @@ def cmd_tradovate_check(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    sys.stdout.write(effective_config_toml(settings))
+    if args.toml:
+        sys.stdout.write(effective_config_toml(settings))
+        return 0
+    from trader.report.tables import config_table, terminal
+
+    terminal().print(config_table(settings))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from trader.report.page import figures_of, no_decisions_note, sessions_of, write_page
+    from trader.report.tables import report_table, sessions_table, terminal
+    from trader.report.view import load_run
+
+    view = load_run(Path(args.journal), args.run)
+    info = view.info
+    console = terminal()
+    title = f"run {info.run_id} ({info.mode}, {info.status}) in {view.journal_path}"
+    if info.report is None:
+        title += ": no final report yet, figures recomputed from the journal"
+    console.print(report_table(info.report or {**figures_of(view), "status": info.status}, title))
+    if len(view.ts_ns):
+        console.print(sessions_table(sessions_of(view), view.tz))
+    else:
+        console.print(no_decisions_note(view))
+    page = write_page(view, args.out)
+    print(f"page: {page}")
     return 0
 
 
@@ -224,7 +228,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     from trader.wiring import accepted_rows
 
     settings = _settings(args)
-    rb = load_bars(settings.data, tick_size=settings.instrument.tick_size)
+    rb = load_bars(settings.data, tick_size=settings.instrument.tick_size, symbol=settings.instrument.symbol)
     ok = accepted_rows(rb)
     cols = {k: getattr(rb, k)[ok] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
     feats = BulkFeatures(settings, cols, load_feature_blocks(settings.features.custom_blocks))
@@ -245,6 +249,17 @@ def cmd_features(args: argparse.Namespace) -> int:
     else:
         df.write_parquet(out)
     print(f"wrote {len(df)} rows x {feats.layout.dim} features (layout {feats.layout.hash}) to {out}")
+    return 0
+
+
+def cmd_layout_hash(args: argparse.Namespace) -> int:
+    from trader.features.layout import build_layout
+    from trader.features.observation import load_feature_blocks
+
+    settings = _settings(args)
+    blocks = load_feature_blocks(settings.features.custom_blocks)
+    layout = build_layout(settings.features.use_llm_features, tuple(n for b in blocks for n in b.names))
+    print(f"{layout.hash}  {layout.dim} features")
     return 0
 
 
@@ -274,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="replay recorded bars through the full decision path")
     common(p)
-    p.add_argument("--data", nargs="+", help="CSV/Parquet files (default: the bundled NQ slice)")
+    p.add_argument("--data", nargs="+", help="CSV, Parquet or DBN files (default: the bundled NQ slice)")
     p.add_argument(
         "--from",
         dest="date_from",
@@ -284,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="date_to", type=_bar_time_arg, help="end bar time (exclusive), ISO")
     p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
     p.add_argument("--report", help="write the report as JSON here (plot next to it as .html)")
-    p.add_argument("--plot", help="write the equity/drawdown plot (HTML) here")
+    p.add_argument(
+        "--plot",
+        help="write the run's HTML page here (default: beside --report as .html, else "
+        "report-<run8>.html beside the journal)",
+    )
     p.add_argument(
         "--policy",
         help="ONNX policy file, or module:attr of a Python policy, e.g. strategies.rules:EmaCross "
@@ -297,6 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="LLM advisor mode (default: advisor.mode, async)",
     )
     p.add_argument("--llm-journal", help="--llm recorded: journal with the answers (default: --journal)")
+    p.add_argument(
+        "--llm-schedule",
+        choices=["entries", "interval"],
+        help="when to ask the LLM: entries = only on the RL's entry decisions the risk engine "
+        "allows, each decided with its answer (about a minute for the demo); interval = every "
+        "fusion.query_interval bars, on RL uncertainty and on state changes, as the service does "
+        "(default: advisor.schedule when the config or environment sets it, else entries). "
+        "With --llm recorded, use the schedule of the recorded run (a service journal: interval), "
+        "or its answers are asked for on other bars and missed",
+    )
+    p.add_argument(
+        "--close-at-end",
+        action="store_true",
+        help="close a position still open after the last bar (data.close_at_end); default: keep it",
+    )
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("run", help="run as a service (systemd Type=notify): paper trading, health, control")
@@ -337,7 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate and print the effective configuration")
     common(p)
+    p.add_argument("--toml", action="store_true", help="print it as TOML (a config file) instead of a table")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "report",
+        help="print a run's report and write its HTML page (candles, trades, stops, LLM and "
+        "vetoes, equity, drawdown, sessions) from a journal",
+    )
+    p.add_argument("--journal", required=True, help="SQLite journal file")
+    p.add_argument("--run", help="run id or a unique prefix of 4+ characters (default: the latest run)")
+    p.add_argument("--out", help="the HTML page (default: report-<run8>.html beside the journal)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "tradovate-check",
@@ -360,6 +405,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="date_to", type=_bar_time_arg)
     p.add_argument("--out", required=True, help=".parquet or .csv")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser(
+        "layout-hash",
+        help="print the observation layout's hash (a policy file carries it) and its number of features",
+    )
+    common(p)
+    p.set_defaults(func=cmd_layout_hash)
+
+    from trader.research.sweep_cli import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub, common)
+
+    from trader.research.oos_cli import add_parsers as add_walk_forward_and_compare_parsers
+
+    add_walk_forward_and_compare_parsers(sub, common)
 
     p = sub.add_parser("bench", help="replay benchmark: bars/s and decision latency, JSON")
     p.add_argument("--data", type=Path, default=None)

@@ -85,10 +85,29 @@ def _at_most(limit: float, unit: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _zero_or_power_of_two(v: int) -> int:
+    if v and v & (v - 1):
+        raise ValueError(f"{v} is not 0 or a power of two (1, 2, 4 ... 4096)")
+    return v
+
+
 def _hhmm(v: str) -> str:
+    if v == "24:00":
+        raise ValueError(
+            "'24:00' is only an end time (trade_end, session_close, flatten_at); a start is '00:00'"
+        )
     if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v):
         raise ValueError(f"{v!r} is not a time of day HH:MM")
     return v
+
+
+def _hhmm_end(v: str) -> str:
+    # an end of day may be written 24:00 (a window that runs to midnight)
+    return v if v == "24:00" else _hhmm(v)
+
+
+def _hhmm_or_off(v: str) -> str:
+    return v if v == "off" else _hhmm_end(v)
 
 
 def _tz(v: str) -> str:
@@ -156,6 +175,7 @@ NonNegativeSeconds = Annotated[NonNegative, _at_most(MAX_SECONDS, " s")]
 Multiple = Annotated[Positive, _at_most(MAX_MULTIPLE, "")]
 Contracts = Annotated[Int, Field(ge=1, le=MAX_CONTRACTS)]
 HHMM = Annotated[str, AfterValidator(_hhmm)]
+EndHHMM = Annotated[str, AfterValidator(_hhmm_end)]  # also "24:00"
 TimeZone = Annotated[str, AfterValidator(_tz)]
 PathValue = Annotated[Path, AfterValidator(_usable_path)]
 IsoDateTime = Annotated[str, AfterValidator(_iso_datetime)]
@@ -173,6 +193,22 @@ def parse_hhmm(v: str) -> time:
     return time(int(hh), int(mm))
 
 
+def hhmm_minutes(v: str) -> int:
+    """Minutes after midnight of an ``HH:MM`` setting; ``"24:00"`` (an end of day) is 1440."""
+    hh, mm = v.split(":")
+    return int(hh) * 60 + int(mm)
+
+
+def window_minutes(start: str, end: str) -> int:
+    """Length in minutes of the daily window from ``start`` to ``end`` (exclusive), which wraps
+    past midnight when ``end`` is not after ``start`` (18:00-16:00 = 22 hours); "00:00"-"24:00"
+    is the whole day, and equal times are an empty window (0)."""
+    s, e = hhmm_minutes(start), hhmm_minutes(end)
+    if s % 1440 == e % 1440:
+        return 1440 if (s, e) == (0, 1440) else 0
+    return (e - s) % 1440
+
+
 class InstrumentConfig(Section):
     """Contract spec and session hours. Prices are multiples of tick_size."""
 
@@ -183,10 +219,14 @@ class InstrumentConfig(Section):
     slippage_ticks: Annotated[Int, Field(ge=0, le=MAX_TICKS)] = 1
     timezone: TimeZone = "America/New_York"
     session_open: HHMM = "18:00"
-    session_close: HHMM = "17:00"
+    session_close: EndHHMM = "17:00"  # = session_open: a 24-hour session
+    # Entries from trade_start until trade_end (exclusive); a window whose end is not after its
+    # start wraps past midnight (18:00-16:00: the Globex day), "00:00"-"24:00" is the whole day.
     trade_start: HHMM = "09:30"
-    trade_end: HHMM = "15:45"
-    flatten_at: HHMM = "15:55"
+    trade_end: EndHHMM = "15:45"
+    # Positions are flattened from here until session_close; "off" = never forced flat (positions
+    # are held through the close).
+    flatten_at: Annotated[str, AfterValidator(_hhmm_or_off)] = "15:55"
 
 
 class ColumnsConfig(Section):
@@ -201,7 +241,8 @@ class ColumnsConfig(Section):
 
 
 class DataConfig(Section):
-    """Recorded bars for replay. Files are read by polars (CSV or Parquet) and merged in time order."""
+    """Recorded bars for replay. Files are read by polars (CSV or Parquet) or databento-dbn (DBN
+    OHLCV-1m, ``.dbn`` or ``.dbn.zst``) and merged in time order."""
 
     paths: list[PathValue] = Field(default_factory=lambda: [BUNDLED_DATA])
     columns: ColumnsConfig = ColumnsConfig()
@@ -213,12 +254,20 @@ class DataConfig(Section):
     end: IsoDateTime | None = None
     speed: Annotated[NonNegative, _at_most(1e6, "x real time")] = 0.0  # 0 = as fast as possible
     bar_seconds: Annotated[Int, Field(gt=0, le=86_400)] = 60
+    # DBN files holding several instruments: the symbol (or instrument id) to replay; None = the one
+    # instrument.symbol names (NQ: NQ, NQZ3, NQ.c.0, ...)
+    symbol: str | None = None
+    # Replay: close a position still open after the last bar (a market order at its close, a trade
+    # journaled with exit reason "flatten:end_of_replay"); false = the run ends holding it.
+    close_at_end: bool = False
 
 
 class FeaturesConfig(Section):
     use_llm_features: bool = True
     custom_blocks: list[str] = Field(default_factory=list)
-    warmup_bars: Annotated[Int, Field(ge=0, le=1_000_000)] = 960
+    # Bars before the first decision. "auto": the longest look-back of the features in the layout
+    # (custom blocks included when they declare ``lookback_bars``); see trader/features/warmup.py.
+    warmup_bars: Annotated[Int, Field(ge=0, le=1_000_000)] | Literal["auto"] = 960
 
 
 class PolicyConfig(Section):
@@ -230,6 +279,10 @@ class PolicyConfig(Section):
     # a policy whose metadata names another symbol, tick size or bar interval: refused, or only
     # warned about when this is true
     allow_other_market: bool = False
+    # Replay: evaluate the policy for up to this many coming bars in one call while the account
+    # part of the observation and the action mask stay unchanged (re-evaluated from the first bar
+    # where they differ; decisions are identical to bar by bar). A power of two; 0 = bar by bar.
+    batch_bars: Annotated[Int, Field(ge=0, le=4096), AfterValidator(_zero_or_power_of_two)] = 256
 
 
 class LLMModelConfig(Section):
@@ -272,6 +325,12 @@ class AdvisorConfig(Section):
     # off | sync (wait for each answer) | async (usable after its latency, in bar time in replay,
     # wall time live) | recorded (answers replayed from an earlier journal by prompt hash)
     mode: Literal["off", "sync", "async", "recorded"] = "async"
+    # When to ask. interval: the selective schedule of DESIGN.md (fusion.query_interval and
+    # use_selective_querying). entries: only when the RL proposes an entry decision (BUY or SELL
+    # while flat, or against the open position) that the risk engine would let through, and that
+    # bar waits for the answer, so the advice decides the entry; replay only (the live bar loop
+    # never waits on the LLM). `trader replay` uses entries unless told otherwise.
+    schedule: Literal["interval", "entries"] = "interval"
     backend: Literal["llama_cpp", "openai", "ensemble"] = "llama_cpp"
     confidence_source: Literal["stated", "logits", "product"] = "stated"
     query_timeout_s: Seconds = 20.0
@@ -330,7 +389,12 @@ class AccountConfig(Section):
 class ExecutionConfig(Section):
     order_qty: Contracts = 1
     reverse_on_opposite: bool = False
-    stop_mode: Literal["atr", "ticks"] = "atr"
+    # "none": entries carry no protective stop; MOVE_TO_BE and the trailing actions are then never
+    # legal (the action mask leaves them out) and plan nothing
+    stop_mode: Literal["atr", "ticks", "none"] = "atr"
+    # live trading with stop_mode "none" leaves a position with nothing at the broker protecting it
+    # (the loss limits act only on bars): refused unless this says it is meant
+    allow_no_stop_live: bool = False
     stop_atr_mult: Multiple = 2.0
     stop_ticks: Annotated[Int, Field(ge=1, le=MAX_TICKS)] = 40
     be_offset_ticks: Annotated[Int, Field(ge=0, le=MAX_TICKS)] = 1
@@ -431,6 +495,8 @@ class PromptsConfig(Section):
 
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto and console: human-readable key=value lines, terminal or not; json: JSON lines only when
+    # asked (the systemd units set TRADER_LOGGING__FORMAT=json for journald)
     format: Literal["auto", "json", "console"] = "auto"
     log_llm_queries: bool = False
     log_decision_fusion: bool = False
@@ -442,6 +508,11 @@ class JournalConfig(Section):
     path: PathValue = Path("runs/journal.sqlite")
     batch_size: Annotated[Int, Field(ge=1, le=1_000_000)] = 512
     flush_interval_ms: Annotated[Int, Field(ge=1, le=3_600_000)] = 200
+    # What a replay journals. full: every table, a decision row per bar (needed by `trader run`:
+    # crash recovery re-drives from it). trades: no per-bar rows (decisions), the rest kept (runs,
+    # orders, fills, trades, account, control, rejected bars, LLM queries). summary: the run row
+    # and its report only (sweeps). The run's report_json says which ("journal_level").
+    level: Literal["full", "trades", "summary"] = "full"
 
 
 class CpuConfig(Section):
@@ -475,6 +546,62 @@ class ServiceConfig(Section):
     # Where `trader run` takes its bars: the Tradovate market-data WebSocket, or recorded files
     # (data.paths) paced at data.speed, for paper trading on a replayed market.
     feed: Literal["tradovate", "recorded"] = "tradovate"
+
+
+# What `trader run` can notify about (trader/service/alerts.py); each kind is switched on by
+# listing it in notifications.kinds.
+NotificationKind = Literal[
+    "fill",
+    "stop_moved",
+    "halt",  # entries halted, any cause without a kind of its own (operator, kill switch, lockout)
+    "resume",  # such a halt lifted
+    "reconcile_mismatch",  # the broker and the journal disagree (a halt too), and when it clears
+    "stale_feed",  # no bar within the limit (a halt too), and when bars come back
+    "llm_down",  # LLM queries keep failing (the RL policy decides alone), and when it answers again
+    "error",  # the service failing, a lost journal, a run observer dropped
+    "daily_summary",  # at each session's end: net P&L, trades, equity
+]
+NOTIFICATION_KINDS: tuple[NotificationKind, ...] = get_args(NotificationKind)
+
+
+def _env_var_name(v: str) -> str:
+    # the value is never echoed: a URL put here by mistake is a secret
+    if "://" in v:
+        raise ValueError(
+            "names an environment variable (e.g. TRADER_NOTIFY_URLS), not a URL; the URLs go in that "
+            "variable, in the environment"
+        )
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+        raise ValueError("is not an environment variable name (letters, digits and '_')")
+    return v
+
+
+def _default_notification_kinds() -> list[NotificationKind]:
+    kinds: list[NotificationKind] = [k for k in NOTIFICATION_KINDS if k != "stop_moved"]
+    return kinds
+
+
+class NotificationsConfig(Section):
+    """Notifications to a phone or a chat through apprise (Telegram, Discord, Slack, e-mail, ntfy,
+    webhooks): see trader/service/alerts.py. The apprise URLs are secrets: they are read from the
+    environment variable named by ``urls_env`` (several separated by spaces or commas; unset or
+    empty = no notifications), never from a config file, and never logged nor journaled."""
+
+    urls_env: Annotated[str, AfterValidator(_env_var_name)] = "TRADER_NOTIFY_URLS"
+    # stop_moved is off by default: a trailing stop moves on most bars of a trade, which would
+    # bury the fills; each fill message already carries the stop working after it, and an exit
+    # fill says why the trade closed (stop, exit, flatten).
+    kinds: list[NotificationKind] = Field(default_factory=_default_notification_kinds)
+    # Rate limit, per kind: a token bucket of `burst` messages refilled at `per_minute`; what it
+    # holds back is counted and sent as one "N more ... suppressed" message.
+    per_minute: Annotated[Positive, _at_most(600.0, " a minute")] = 6.0
+    burst: Annotated[Int, Field(ge=1, le=1000)] = 3
+    # Messages waiting for the sender; when full the oldest is dropped (counted). At stop, what is
+    # queued is sent for at most flush_timeout_s, the rest dropped (counted).
+    queue_size: Annotated[Int, Field(ge=1, le=100_000)] = 100
+    flush_timeout_s: Annotated[Positive, _at_most(10.0, " s")] = 2.0
+    # This many failed LLM queries in a row (errors, timeouts) = "LLM down".
+    llm_down_after: Annotated[Int, Field(ge=1, le=1000)] = 3
 
 
 class TradovateConfig(Section):
@@ -542,6 +669,7 @@ class Settings(BaseSettings):
     logging: LoggingConfig = LoggingConfig()
     journal: JournalConfig = JournalConfig()
     service: ServiceConfig = ServiceConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
     cpu: CpuConfig = CpuConfig()
     tradovate: TradovateConfig = TradovateConfig()
 
@@ -741,7 +869,24 @@ def _file_problems(values: Mapping[str, Any], file: Path) -> list[str]:
         if not (isinstance(k, str) and k in Settings.model_fields)
     ]
     _secrets_in(values, Settings, [], file, problems)
+    problems += _notification_urls_in(values, file)
     return problems
+
+
+def _notification_urls_in(values: Mapping[str, Any], file: Path) -> list[str]:
+    """Notification URLs written into the file: refused (they carry bot tokens and passwords),
+    without repeating them."""
+    section = values.get("notifications")
+    if not isinstance(section, Mapping):
+        return []
+    env = section.get("urls_env")
+    name = env if isinstance(env, str) and "://" not in env else "TRADER_NOTIFY_URLS"
+    return [
+        f"notifications.{k}: notification URLs are secrets and do not belong in a config file ({file}); "
+        f"set {name} (notifications.urls_env) in the environment (e.g. the unit's EnvironmentFile)"
+        for k in section
+        if k in ("urls", "url")
+    ]
 
 
 def _secrets_in(
@@ -898,6 +1043,10 @@ def _size_problems(s: Settings) -> list[str]:
             f"account.trailing_drawdown_usd: {a.trailing_drawdown_usd:,.2f} must not exceed "
             f"account.starting_balance_usd ({a.starting_balance_usd:,.2f})"
         ]
+    if ex.stop_mode == "none":
+        # no stop, no stop-out to size against: the daily loss limit and the trailing drawdown
+        # breach (both flatten) are then the only bounds on a position's loss
+        return []
 
     def refused(key: str, contracts: int) -> str:
         loss = _one_stop_loss_usd(s, contracts)
@@ -923,45 +1072,60 @@ def _size_problems(s: Settings) -> list[str]:
 
 
 def _minute(hhmm: str) -> int:
-    t = parse_hhmm(hhmm)
-    return t.hour * 60 + t.minute
+    return hhmm_minutes(hhmm)
 
 
 def _hours_problems(i: InstrumentConfig) -> list[str]:
     """Within one trading day (session_open to session_close, which may wrap midnight): entries
-    from trade_start to trade_end, which may not wrap; then flatten_at; then the close."""
-    start, end, flat = _minute(i.trade_start), _minute(i.trade_end), _minute(i.flatten_at)
+    from trade_start to trade_end (a window that may wrap midnight too, or be the whole day of a
+    24-hour session); then flatten_at, unless "off"; then the close."""
+    length = window_minutes(i.trade_start, i.trade_end)
     window = f"{i.trade_start}-{i.trade_end}"
-    if start >= end:
+    if length == 0:
         return [
-            f"instrument.trade_start: {i.trade_start} must be before instrument.trade_end ({i.trade_end}) "
-            "(entries are allowed from trade_start until trade_end, within one calendar day)"
+            f"instrument.trade_start: {i.trade_start} equals instrument.trade_end ({i.trade_end}): an "
+            "empty entry window (a window whose end is before its start wraps past midnight; for the "
+            'whole day set trade_start = "00:00" and trade_end = "24:00")'
         ]
     open_ = _minute(i.session_open)
 
     def in_session(m: int) -> int:  # minutes after the session opens
         return (m - open_) % 1440
 
-    s, e, f = in_session(start), in_session(end), in_session(flat)
     close = in_session(_minute(i.session_close)) or 1440  # open == close: a 24-hour session
     session = (
         f"the session from instrument.session_open ({i.session_open}) "
         f"to instrument.session_close ({i.session_close})"
     )
-    if s >= e or e > close:
+    if length == 1440:  # the whole day: only a 24-hour session holds it
+        s, e = 0, 1440
+    else:
+        s = in_session(_minute(i.trade_start))
+        e = s + length
+    if e > close:
+        span = f"{length // 60}h{length % 60:02d}"
+        wraps = ", past midnight," if _minute(i.trade_end) <= _minute(i.trade_start) else ""
         return [
-            f"instrument.trade_start: the entry window {window} (instrument.trade_start-trade_end) "
-            f"does not lie within {session}"
+            f"instrument.trade_start: {i.trade_start} to instrument.trade_end ({i.trade_end}) is an entry "
+            f"window of {span}{wraps} that does not lie within {session}"
         ]
+    if i.flatten_at == "off":
+        return []
+    flat = _minute(i.flatten_at)
+    if flat % 1440 == _minute(i.session_close) % 1440:
+        return []  # at the close: the session ends first (nothing is flattened)
+    f = in_session(flat)
     if f < e:
         return [
             f"instrument.flatten_at: {i.flatten_at} must not be before instrument.trade_end ({i.trade_end}) "
-            "(positions are flattened from flatten_at, after the entry window)"
+            f"(positions are flattened from flatten_at, after the entry window {window}, until the "
+            'session closes; "off" = never)'
         ]
-    if f > close:  # flatten_at == session_close: the session ends first (no flatten)
+    if f > close:
         return [
             f"instrument.flatten_at: {i.flatten_at} must be before instrument.session_close "
-            f"({i.session_close}), after the entry window {window}, within {session}"
+            f"({i.session_close}), after the entry window {window}, within {session} "
+            '("off" = never flattened)'
         ]
     return []
 

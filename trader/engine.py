@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, overload
 
 import numpy as np
 import structlog
@@ -55,9 +57,11 @@ from trader.execution.planner import ExecutionPlanner, Plan
 from trader.execution.portfolio import Portfolio
 from trader.features.observation import AccountFeatures
 from trader.features.validation import BarValidator
+from trader.features.warmup import warmup_bars
 from trader.journal import rows
 from trader.journal.rows import Row
 from trader.logs import BAR as _BAR_CLOCK
+from trader.policy.batch import LookAhead, look_ahead
 from trader.ports import (
     AdviceSource,
     Broker,
@@ -100,6 +104,7 @@ def _usable(c: object) -> bool:
         return False
 
 
+_observed = partial(tuple.__new__, Observed)  # Observed(...) built in C: one per bar
 _ONE_HOT = tuple([1.0 if k == a else 0.0 for k in range(N_ACTIONS)] for a in range(N_ACTIONS))
 
 
@@ -128,6 +133,98 @@ class DecisionParts:
     risk: RiskEngine
 
 
+class Column:
+    """A per-bar statistic as a growable typed numpy buffer (capacity doubles), read like a list:
+    ``len()``, ``[i]`` (a Python number), ``[a:b]`` (numpy), iteration, ``==`` with any sequence,
+    and ``np.asarray`` (no copy). 8 bytes a bar instead of a Python object and a list slot.
+
+    Appends go to a short Python list first (a list append is several times cheaper than a numpy
+    item assignment) and move into the buffer every ``FLUSH`` values."""
+
+    __slots__ = ("_data", "_n", "_tail", "dtype", "push")
+    FLUSH = 1024
+
+    def __init__(self, dtype: Any, values: Iterable[Any] = ()) -> None:
+        self.dtype = np.dtype(dtype)
+        self._data = np.zeros(0, dtype=self.dtype)
+        self._n = 0
+        self._tail: list[Any] = []
+        # append without the flush check (the tail's own list.append): for an owner that calls
+        # flush() itself every FLUSH values, as RunStats.add_bar does
+        self.push = self._tail.append
+        self.extend(values)
+
+    def append(self, value: Any) -> None:
+        tail = self._tail
+        tail.append(value)
+        if len(tail) >= self.FLUSH:
+            self.flush()
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self._tail.extend(values)
+        self.flush()
+
+    def flush(self) -> None:
+        """Move the appended values into the numpy buffer."""
+        tail, n = self._tail, self._n
+        k = len(tail)
+        if not k:
+            return
+        if n + k > len(self._data):
+            grown = np.zeros(max(2 * len(self._data), n + k, self.FLUSH), dtype=self.dtype)
+            grown[:n] = self._data[:n]
+            self._data = grown
+        self._data[n : n + k] = tail
+        self._n = n + k
+        tail.clear()
+
+    def __len__(self) -> int:
+        return self._n + len(self._tail)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if self._tail:
+            out = np.concatenate((self._data[: self._n], np.asarray(self._tail, dtype=self.dtype)))
+        else:
+            out = self._data[: self._n]
+            if copy:
+                out = out.copy()
+            else:
+                out = out.view()
+                out.flags.writeable = False  # a view of the buffer: reading only
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def tolist(self) -> list[Any]:
+        return np.asarray(self).tolist()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.tolist())
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> np.ndarray: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return np.asarray(self)[i]
+        n = len(self)
+        k = i + n if i < 0 else i
+        if not 0 <= k < n:
+            raise IndexError(f"column index {i} out of range ({n} values)")
+        if k >= self._n:
+            return self.dtype.type(self._tail[k - self._n]).item()
+        return self._data[k].item()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Column | np.ndarray | list | tuple):
+            return self.tolist() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Column({np.asarray(self)!r})"
+
+
 @dataclass(slots=True)
 class RunStats:
     bars: int = 0
@@ -135,10 +232,11 @@ class RunStats:
     actions: list[int] = field(default_factory=lambda: [0] * N_ACTIONS)
     vetoes: dict[str, int] = field(default_factory=dict)
     fusion_methods: dict[str, int] = field(default_factory=dict)
-    latencies_ns: list[int] = field(default_factory=list)
-    ts_ns: list[int] = field(default_factory=list)
-    equity: list[float] = field(default_factory=list)
-    position: list[int] = field(default_factory=list)
+    # per decided bar, as typed columns (bounded memory per bar; np.asarray reads them)
+    latencies_ns: Column = field(default_factory=lambda: Column(np.int64))
+    ts_ns: Column = field(default_factory=lambda: Column(np.int64))
+    equity: Column = field(default_factory=lambda: Column(np.float64))
+    position: Column = field(default_factory=lambda: Column(np.int32))
     wall_s: float = 0.0
     status: str = "running"
     with_advice: int = 0  # decisions that had usable LLM advice
@@ -147,7 +245,26 @@ class RunStats:
     fills: int = 0  # fills applied (the journal's fill sequence)
     order_rejects: int = 0  # orders the broker refused
     policy_invalid: int = 0  # bars whose policy answer was unusable (NaN ...): decided as HOLD
-    llm_busy: list[bool] = field(default_factory=list)  # per decided bar: an LLM query was in flight
+    # per decided bar (runs with an advisor): an LLM query was in flight
+    llm_busy: Column = field(default_factory=lambda: Column(np.bool_))
+    _unflushed: int = field(default=0, repr=False, compare=False)
+
+    def add_bar(
+        self, ts_ns: int, equity: float, position: int, latency_ns: int, llm_busy: bool | None
+    ) -> None:
+        """One decided bar's columns (``llm_busy``: None without an advisor): plain list appends,
+        moved into the numpy buffers every ``Column.FLUSH`` bars."""
+        self.ts_ns.push(ts_ns)
+        self.equity.push(equity)
+        self.position.push(position)
+        self.latencies_ns.push(latency_ns)
+        if llm_busy is not None:
+            self.llm_busy.push(llm_busy)
+        self._unflushed += 1
+        if self._unflushed >= Column.FLUSH:
+            self._unflushed = 0
+            for column in (self.ts_ns, self.equity, self.position, self.latencies_ns, self.llm_busy):
+                column.flush()
 
 
 class Engine:
@@ -198,7 +315,7 @@ class Engine:
         self.account_features = AccountFeatures(settings, features.layout)
         self.planner = ExecutionPlanner(settings, run_id)
         self.validator = BarValidator()
-        self.warmup = settings.features.warmup_bars
+        self.warmup = warmup_bars(settings, getattr(features, "blocks", None))  # "auto" resolved
         self.stats = RunStats()
         self.bar_index = first_index  # index of the next decided bar
         self.primed = 0  # warm-up bars taken before the first decided bar (live history)
@@ -223,8 +340,17 @@ class Engine:
         self._given_fills: list[tuple[Fill, float | None]] | None = None
         # the action mask an Observed points at (the observation is the feature source's buffer)
         self._mask: np.ndarray = np.ones(N_ACTIONS, dtype=np.bool_)
+        # replay: the policy evaluated for stretches of coming bars at once (None: bar by bar)
+        self._ahead = look_ahead(policy, features, settings.policy.batch_bars)
+        # journal.level below "full" keeps no per-bar decision rows (the journal drops the rest)
+        self._journal_decisions = rows.LEVEL_TABLES[settings.journal.level] >= {"decisions"}
 
     # -- run ----------------------------------------------------------------------------------------
+    @property
+    def look_ahead(self) -> LookAhead | None:
+        """The replay's batched policy evaluation (with its counters), or None: bar by bar."""
+        return self._ahead
+
     def request_stop(self) -> None:
         """Stop after the current bar (signal handlers call this)."""
         self._stop_requested = True
@@ -309,7 +435,12 @@ class Engine:
         o = self.observe(bar, row)
         if o is None:
             return
-        choice = self.policy.act(o) if o.ready else WARMUP_CHOICE
+        if not o.ready:
+            choice = WARMUP_CHOICE
+        elif self._ahead is not None:
+            choice = self._ahead.act(o)  # 5, answered from a batch over the coming bars (replay)
+        else:
+            choice = self.policy.act(o)  # 5
         await self.decide(o, choice)
 
     def prime(self, bar: Bar) -> bool:
@@ -354,7 +485,7 @@ class Engine:
             self._journal_bar("bar", i, bar)
         local_s = clock.local_s(ts)
         session = clock.session_of_local(local_s)
-        if self._observers and session != pf.session_id:
+        if self._observers and session != pf.session_id and not self._redriving:
             self._session_ended()
         pf.mark_bar(bar, session)
         obs = self.features.update(bar)  # 2
@@ -363,7 +494,7 @@ class Engine:
         ready = self.features.ready and i + self.primed >= self.warmup
         if ready:
             self._mask = self.masker.mask(snap, bar.close)  # 4
-        return Observed(i, bar, (local_s // 60) % 1440, snap, obs, self._mask, ready, t0)
+        return _observed((i, bar, (local_s // 60) % 1440, snap, obs, self._mask, ready, t0))
 
     async def decide(self, o: Observed, choice: PolicyChoice) -> None:
         """Steps 6-11 for an observed bar and the policy's choice: advice, fusion, risk review,
@@ -383,7 +514,11 @@ class Engine:
         if o.ready:
             if advisor is not None and not self._invalid_reason:  # 6 (no question on a broken bar)
                 before = advisor.sim_wait_s
-                advice = advisor.on_bar(i, bar.ts_ns, conf, snap, o.minute_of_day, self.features.context)
+                # only the entries schedule needs it: a second risk review per bar costs time
+                entry = self.settings.advisor.schedule == "entries" and self._entry_decision(ACTIONS[a], o)
+                advice = advisor.on_bar(
+                    i, bar.ts_ns, conf, snap, o.minute_of_day, self.features.context, entry_decision=entry
+                )
                 waited = advisor.sim_wait_s - before
                 if advice is not None:
                     stats.with_advice += 1
@@ -407,6 +542,21 @@ class Engine:
             self.controls.flat()  # an operator's flatten request is done once flat
         latency = time.perf_counter_ns() - o.t0_ns - int(waited * 1e9)
         self._account_for(i, bar, probs, decision, advice, verdict, latency, busy)  # 11
+
+    def _entry_decision(self, rl_action: Action, o: Observed) -> bool:
+        """The RL proposes to open, reverse or close a position (BUY or SELL while flat, or against
+        the position) and the risk engine would let it through: the decision an ``entries`` LLM
+        schedule asks about (a vetoed entry is HOLD whatever the advice, so it is not asked)."""
+        if rl_action not in (Action.BUY, Action.SELL):
+            return False
+        snap = o.snapshot
+        pos = snap.position
+        if pos != 0 and (rl_action == Action.BUY) == (pos > 0):
+            return False  # adding to the position: not an entry decision
+        ctx = self.controls.risk_context(
+            o.bar.ts_ns, o.minute_of_day, self.features.context, self._catching_up
+        )
+        return self.risk.review(rl_action, snap, ctx).action == rl_action
 
     def _policy_invalid(self, i: int, reason: str) -> None:
         """The policy's answer cannot be used: this bar is HOLD, counted, its reason journaled (the
@@ -460,30 +610,29 @@ class Engine:
             vtxt = ";".join(f"{v.rule}:{v.reason}" for v in vetoes)
             if logs.log_risk_veto and not self._redriving:
                 log.info("risk_veto", bar=i, action=ACTION_NAMES[decision.action], vetoes=vtxt)
-        stats.latencies_ns.append(latency_ns)
-        if self.advisor is not None:
-            stats.llm_busy.append(llm_busy)  # aligned with latencies_ns
-        stats.ts_ns.append(bar.ts_ns)
         equity = pf.balance_usd + pf.unrealized_usd
-        stats.equity.append(equity)
-        stats.position.append(pf.position)
-        self._record(
-            rows.decision(
-                self.run_id,
-                i,
-                bar,
-                probs,
-                decision,
-                advice,
-                verdict,
-                vtxt,
-                pf.position,
-                pf.balance_usd,
-                equity,
-                pf.threshold_usd,
-                latency_ns / 1000.0,
-            )
+        # llm_busy only with an advisor, aligned with latencies_ns
+        stats.add_bar(
+            bar.ts_ns, equity, pf.position, latency_ns, llm_busy if self.advisor is not None else None
         )
+        if self._journal_decisions:
+            self._record(
+                rows.decision(
+                    self.run_id,
+                    i,
+                    bar,
+                    probs,
+                    decision,
+                    advice,
+                    verdict,
+                    vtxt,
+                    pf.position,
+                    pf.balance_usd,
+                    equity,
+                    pf.threshold_usd,
+                    latency_ns / 1000.0,
+                )
+            )
         self._commit()  # this bar's rows are committed together or not at all
         self._in_bar = False
         if self._pending_controls:
@@ -517,6 +666,8 @@ class Engine:
             yield
         finally:
             self._redriving, self._given_fills = False, None
+            # watchers hear of what happens after the re-drive, not of the history it replayed
+            self._stop_seen = self.portfolio.stop_price
 
     async def redrive(
         self,
@@ -706,8 +857,12 @@ class Engine:
     async def _set_stop(self, price: float) -> None:
         if self._given_fills is None:
             await self.broker.set_stop(price)
+        moved = price != self.portfolio.stop_price
         self.portfolio.set_stop(price)
-        if self._observers:
+        if moved:  # the stop's path over time (the report's stop line); a fill's row has its own
+            ts = self.last_bar.ts_ns if self.last_bar is not None else 0
+            self._record(rows.account(self.run_id, ts, self.portfolio.snapshot(), "stop_moved"))
+        if self._observers and not self._redriving:
             self._watch_stop(self.last_bar.ts_ns if self.last_bar is not None else 0)
 
     def _apply_events(self, events: list[BrokerEvent]) -> None:

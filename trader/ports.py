@@ -120,6 +120,18 @@ class Policy(Protocol):
     def act(self, o: Observed) -> PolicyChoice: ...
 
 
+@runtime_checkable
+class BatchPolicy(Policy, Protocol):
+    """A policy that can also answer many observations in one call (replay evaluates stretches of
+    bars ahead: ``trader.policy.batch``). Opt-in for plug-ins: row k of ``act_batch(obs, masks)``
+    must be exactly what ``act`` answers for that observation and mask, for every batch size
+    ``batch_exact(max_rows)`` says yes to (1, 2, 4 ... ``max_rows``)."""
+
+    def act_batch(self, obs: np.ndarray, masks: np.ndarray) -> Sequence[PolicyChoice]: ...
+
+    def batch_exact(self, max_rows: int) -> bool: ...
+
+
 class AdviceSource(Protocol):
     """The LLM advisor as the bar path sees it (``trader.llm.advisor.Advisor``).
 
@@ -156,6 +168,7 @@ class AdviceSource(Protocol):
         snap: PortfolioSnapshot,
         minute: int,
         market: Callable[[], MarketContext],
+        entry_decision: bool = False,
     ) -> Advice | None: ...
 
 
@@ -210,7 +223,9 @@ class FusionStrategy(Protocol):
 
 
 class RiskRule(Protocol):
-    """A veto rule: returns a reason to block an entry-side action, or None."""
+    """A veto rule: returns a reason to block an entry-side action, or None. ``check`` must be a
+    pure function of its inputs: the engine may ask more than once per bar (the ``entries`` LLM
+    schedule asks whether an entry would pass before fusion decides)."""
 
     name: str
 

@@ -68,7 +68,7 @@ async def run_replay(
     for sig in signals:
         loop.add_signal_handler(sig, engine.request_stop)
     assert run.recorded is not None
-    usable, warmup = int(run.recorded.accepted().sum()), settings.features.warmup_bars
+    usable, warmup = int(run.recorded.accepted().sum()), engine.warmup
     decided = run.recorded.bars_after_warmup(warmup)
     status = "failed"
     try:
@@ -77,7 +77,10 @@ async def run_replay(
     finally:
         try:
             engine.end_of_run()
-            await engine.close()
+            # data.close_at_end: a position still open after the last bar is closed at its close
+            # (a failed run is left as it is: what it holds is for recovery to see)
+            flatten = settings.data.close_at_end and status != "failed"
+            await engine.close(flatten=flatten, reason="flatten:end_of_replay")
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -89,6 +92,8 @@ async def run_replay(
                 {
                     "run_id": run.run_id,
                     "journal": str(journal.path),
+                    # which tables hold this run (journal.level): full | trades | summary
+                    "journal_level": settings.journal.level,
                     "llm": llm_report(engine.advisor, engine.stats, settings.advisor.mode),
                 },
             )

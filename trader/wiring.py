@@ -114,7 +114,10 @@ def _open_journal(
     sources: tuple[str, ...],
 ) -> Journal:
     journal = Journal(
-        path or settings.journal.path, settings.journal.batch_size, settings.journal.flush_interval_ms
+        path or settings.journal.path,
+        settings.journal.batch_size,
+        settings.journal.flush_interval_ms,
+        settings.journal.level,
     )
     try:
         if resume:
@@ -186,7 +189,9 @@ def build_replay(
 ) -> Run:
     """Recorded bars ─▶ bulk features, paper broker, policy, journal (replay, and the service's
     paper trading on recorded bars)."""
-    recorded = load_bars(settings.data, data_paths, tick_size=settings.instrument.tick_size)
+    recorded = load_bars(
+        settings.data, data_paths, tick_size=settings.instrument.tick_size, symbol=settings.instrument.symbol
+    )
     features = bulk_features(settings, recorded)
     policy = build_policy(settings, features.layout)
     run_id = run_id or uuid.uuid4().hex
@@ -280,6 +285,22 @@ async def open_service_run(
     state), re-driven from the journal; a new account only with ``fresh`` or a new journal."""
     from trader.recovery import recover
 
+    if settings.journal.level != "full":
+        raise ConfigError(
+            f"journal.level = {settings.journal.level!r}: `trader run` journals every decision "
+            '(crash recovery re-drives the run from them); set journal.level = "full" (the lower '
+            "levels are for replays and sweeps)"
+        )
+    if (
+        mode == "live"
+        and settings.execution.stop_mode == "none"
+        and not settings.execution.allow_no_stop_live
+    ):
+        raise ConfigError(
+            'execution.stop_mode = "none" in live mode: positions would have no stop at the broker, and '
+            "the loss limits act only on bars (a crash, a disconnect or an overnight gap is unbounded); "
+            "set execution.allow_no_stop_live = true if that is meant"
+        )
     previous = reader.latest_run(journal_path, mode)
     resume = None
     if previous is not None:
@@ -323,7 +344,7 @@ async def open_service_run(
 
 
 # Sections that may differ between the run being continued and the restart.
-MAY_DIFFER = ("service", "logging", "journal", "cpu")
+MAY_DIFFER = ("service", "notifications", "logging", "journal", "cpu")
 
 
 def config_differences(old_json: str, settings: Settings) -> list[str]:
@@ -331,13 +352,23 @@ def config_differences(old_json: str, settings: Settings) -> list[str]:
 
     old = json.loads(old_json)
     new = json.loads(settings.model_dump_json())
+    # a key the old run's version did not have yet, now at its default, is no difference: a new
+    # key's default keeps the behaviour the old run had (that is how keys are added)
+    defaults = json.loads(Settings.model_construct().model_dump_json())
     out = []
     for section in sorted(set(old) | set(new)):
         if section in MAY_DIFFER or old.get(section) == new.get(section):
             continue
         a, b = old.get(section), new.get(section)
+        if a is None and b == defaults.get(section):
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            dflt = defaults.get(section) or {}
+            out += [
+                f"{section}.{k}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and not (k not in a and k in dflt and b.get(k) == dflt[k])
+            ]
         else:
             out.append(section)
     return out

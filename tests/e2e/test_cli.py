@@ -46,11 +46,43 @@ def test_replay_with_no_arguments_runs_the_bundled_demo_and_reports(tmp_path):
     con = sqlite3.connect(tmp_path / "runs" / "journal.sqlite")
     assert con.execute("SELECT count(*) FROM decisions").fetchone()[0] == 5520
     assert con.execute("SELECT status FROM runs").fetchone()[0] == "completed"
+    # the demo still asks the LLM, on entry decisions only, and each entry is fused with its answer
+    asked, on_entries, usable_there = con.execute(
+        "SELECT count(*), sum(trigger = 'entry'), sum(available_bar = bar_index) FROM llm_queries"
+    ).fetchone()
+    assert asked == report["llm"]["queries"] > 0 and asked == on_entries == usable_there
+    assert con.execute("SELECT count(*) FROM decisions WHERE llm_action IS NOT NULL").fetchone()[0] > 0
+    assert "out/report.html" in r.stdout  # the output says where the HTML report is
+
+
+LOG_SLICE = ("--to", "2023-11-28T10:10:00")  # warm-up ends ~10:00: a few decided bars
+
+
+def test_replay_logs_key_value_lines_when_its_output_is_not_a_terminal(tmp_path):
+    r = trader("replay", "--llm", "off", *LOG_SLICE, cwd=tmp_path)  # stderr is a pipe here
+    assert r.returncode == 0, r.stderr
+    (ready,) = [line for line in r.stderr.splitlines() if "replay_ready" in line]
+    assert not ready.lstrip().startswith("{") and "\x1b[" not in ready
+    assert "[info" in ready and "bars=" in ready and "run_id=" in ready and "policy=" in ready
+    assert not [line for line in r.stderr.splitlines() if line.startswith("{")]  # no JSON anywhere
+
+
+def test_logging_format_json_makes_json_lines_also_in_the_model_process(tmp_path):
+    env = {"TRADER_LOGGING__FORMAT": "json"}
+    r = trader("replay", "--llm", "sync", *LOG_SLICE, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    events = {}
+    for line in r.stderr.splitlines():
+        if line.startswith("{"):
+            e = json.loads(line)
+            events[e["event"]] = e
+    assert {"replay_ready", "llm_loaded", "llm_process_started"} <= set(events)  # llm_loaded: the child
+    assert events["replay_ready"]["bars"] > 0 and events["llm_loaded"]["device"] == "cpu"
 
 
 def test_check_config_prints_the_effective_config_and_rejects_bad_values(tmp_path):
-    ok = trader("check-config", cwd=tmp_path, env={"TRADER_FUSION__LLM_WEIGHT": "0.4"})
-    assert ok.returncode == 0 and "llm_weight = 0.4" in ok.stdout
+    ok = trader("check-config", "--toml", cwd=tmp_path, env={"TRADER_FUSION__LLM_WEIGHT": "0.4"})
+    assert ok.returncode == 0 and "llm_weight = 0.4" in ok.stdout  # the table: tests/e2e/test_report_cli.py
     bad = trader("check-config", cwd=tmp_path, env={"TRADER_FUSION__LLM_WEIGHT": "1.7"})
     assert bad.returncode == 2
     assert "fusion.llm_weight: 1.7 is not within [0, 1]" in bad.stderr

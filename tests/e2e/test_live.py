@@ -34,7 +34,9 @@ def write_config(tmp: Path, fake: FakeTradovate, extra: str = "") -> Path:
 def start(
     cfg: Path, journal: Path, mode: str, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    env = os.environ | {"TRADER_TRADOVATE__PASSWORD": PASSWORD, "TRADER_TRADOVATE__SEC": SEC} | (env or {})
+    secrets = {"TRADER_TRADOVATE__PASSWORD": PASSWORD, "TRADER_TRADOVATE__SEC": SEC}
+    # JSON lines, as the systemd units ask for them (the tests read events from stdout)
+    env = os.environ | secrets | {"TRADER_LOGGING__FORMAT": "json"} | (env or {})
     cmd = [
         sys.executable,
         "-m",

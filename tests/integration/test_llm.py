@@ -545,3 +545,133 @@ def test_the_model_process_fails_clearly_at_start_and_comes_back_after_dying(tmp
         assert again.text and backend.restarts == 1
     finally:
         backend.close()
+
+
+# -- the entries schedule (advisor.schedule = "entries") ------------------------------------------
+def _entries_advisor(
+    server: ScriptedChatServer, mode: str = "async", timing: str = "bar", timeout_s: float = 2.0
+) -> tuple[Advisor, list]:
+    s = make_settings(
+        advisor={
+            "mode": mode,
+            "schedule": "entries",
+            "backend": "openai",
+            "openai": {"base_url": server.base_url},
+            "query_timeout_s": timeout_s,
+        },
+        fusion={"query_interval": 1},
+    )
+    rows: list = []
+    adv = Advisor(
+        s,
+        OpenAIBackend(s.advisor.openai, s.llm_model),
+        mode=mode,
+        timing=timing,
+        record=lambda row: rows.append(tuple(row.values)),
+        run_id="test",
+        clock=SessionClock(s.instrument),
+    )
+    adv.start()
+    return adv, rows
+
+
+# Columns of an llm_queries row (trader/journal/rows.py: llm_query)
+_BAR, _TRIGGER, _PARSED, _ERROR, _AVAILABLE = 2, 4, 10, 18, 19
+
+
+def test_entries_schedule_asks_only_on_entry_decisions_and_the_entry_bar_fuses_the_answer():
+    with ScriptedChatServer(lambda body: "SELL | 0.80 | lower highs", delay_s=0.3) as server:
+        adv, rows = _entries_advisor(server)
+        entries = [False, True, False, False, True, False]
+        advice = []
+        for i, entry in enumerate(entries):
+            advice.append(
+                adv.on_bar(i, T0 + i * MIN, 0.2, flat(), 600, lambda: _Market(T0), entry_decision=entry)
+            )
+        adv.stop()
+    assert adv.stats.queries == len(server.requests) == 2 and adv.stats.triggers == {"entry": 2}
+    assert advice[0] is None  # not an entry, and the RL's low confidence asks nothing either
+    first = advice[1]
+    assert first is not None and first.action == Action.SELL and first.age_bars == 0  # on the entry bar
+    assert advice[2] is not None and advice[2].age_bars == 1  # then the cache decays as usual
+    assert [(r[_BAR], r[_TRIGGER], r[_PARSED], r[_AVAILABLE]) for r in rows] == [
+        (1, "entry", "SELL", 1),
+        (4, "entry", "SELL", 4),
+    ]
+    assert adv.stats.sim_wait_s >= 0.5  # the entry bars waited (simulated time, not latency)
+    assert adv.stats.skipped_busy == 0
+
+
+def test_an_entry_answer_later_than_the_query_timeout_is_abandoned_on_the_entry_bar():
+    with ScriptedChatServer(lambda body: "BUY | 0.90 | late", delay_s=1.5) as server:
+        adv, rows = _entries_advisor(server, timeout_s=0.4)
+        t0 = time.perf_counter()
+        advice = adv.on_bar(0, T0, 0.9, flat(), 600, lambda: _Market(T0), entry_decision=True)
+        waited = time.perf_counter() - t0
+        adv.stop(timeout_s=3.0)
+    assert advice is None and adv.stats.timeouts == 1 and not adv.busy
+    assert 0.3 <= waited < 1.2  # waited for the timeout, not for the answer
+    assert rows[0][_ERROR].startswith("no answer within") and rows[0][_AVAILABLE] == 0
+
+
+def test_entries_schedule_is_refused_where_the_bar_loop_must_not_wait():
+    with (
+        ScriptedChatServer() as server,
+        pytest.raises(ConfigError, match=r"advisor\.schedule: 'entries'.*only replay"),
+    ):
+        _entries_advisor(server, timing="wall")
+
+
+def _entries_replay(tmp_path: Path, name: str, **risk: object):
+    s = make_settings(
+        advisor={"mode": "async", "schedule": "entries"},
+        data={"end": "2023-11-28T11:00:00"},
+        risk=risk,
+    )
+    run = build_replay(s, tmp_path / name)
+    stats = asyncio.run(run.engine.run())
+    run.journal.finish_run(run.run_id, stats.status, stats.bars, 0, {})
+    run.journal.close()
+    return run, tmp_path / name
+
+
+def test_entries_replay_asks_the_real_model_on_each_entry_and_fuses_its_answer_on_that_bar(tmp_path):
+    run, db = _entries_replay(tmp_path, "e.sqlite", enable_risk_veto=False)
+    asked = q(
+        db,
+        "SELECT l.bar_index, l.trigger, l.available_bar, l.parsed_action, d.rl_action, d.llm_action, "
+        "d.llm_age_bars FROM llm_queries l JOIN decisions d USING (run_id, bar_index) WHERE run_id=? "
+        "ORDER BY l.bar_index",
+        run.run_id,
+    )
+    assert len(asked) == run.engine.advisor.stats.queries > 0
+    for bar_index, trigger, available, parsed, rl_action, llm_action, age in asked:
+        assert trigger == "entry" and available == bar_index  # usable on the bar that asked
+        assert rl_action in (Action.BUY, Action.SELL)  # the RL proposed the entry
+        assert parsed is not None and llm_action == Action[parsed] and age == 0  # fusion saw it
+    # Every entry decision, and only those, was asked about: the RL's BUY or SELL while flat or
+    # against the position (the row's position is the one decided on: paper orders fill at the next
+    # bar's open). Inside the entry window with the guide's veto off, none is vetoed here.
+    decided = q(
+        db,
+        "SELECT bar_index, rl_action, position FROM decisions WHERE run_id=? AND method != 'warmup'",
+        run.run_id,
+    )
+    entry_bars = [
+        i
+        for i, a, pos in decided
+        if a in (Action.BUY, Action.SELL) and (pos == 0 or (pos > 0) != (a == Action.BUY))
+    ]
+    assert [r[0] for r in asked] == entry_bars
+
+
+def test_entries_schedule_does_not_ask_about_an_entry_the_risk_engine_vetoes(tmp_path):
+    run, db = _entries_replay(tmp_path, "k.sqlite", kill_switch=True)
+    proposed = q(
+        db,
+        "SELECT count(*) FROM decisions WHERE run_id=? AND method != 'warmup' AND rl_action IN (1, 2)",
+        run.run_id,
+    )[0][0]
+    assert proposed > 0  # the RL did propose entries ...
+    assert run.engine.advisor.stats.queries == 0  # ... but none could pass, so none was asked
+    assert q(db, "SELECT count(*) FROM llm_queries WHERE run_id=?", run.run_id) == [(0,)]

@@ -22,6 +22,8 @@ EDGE = (
     "trader/service/",
     "trader/llm/",
     "trader/wiring.py",
+    "trader/replay.py",  # runs a replay built by the wiring (CLI, sweeps, walk-forward, compare)
+    "trader/research/",  # sweeps, walk-forward, compare: drivers of whole runs
     "trader/recovery.py",
     "trader/cli.py",
     "trader/__main__.py",

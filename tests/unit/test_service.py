@@ -6,6 +6,8 @@ import os
 import socket
 import time
 
+import pytest
+
 from tests.conftest import make_settings
 from trader.service.notify import LoopWatchdog, Notifier
 from trader.service.operator import Operator
@@ -274,3 +276,38 @@ def test_a_broker_lockout_halts_entries_and_is_degraded_not_unhealthy(tmp_path):
     assert op.health(stopping=False)["status"] == "ok" and not op.controls.halted
     assert metric("trader_broker_blocked") == 0.0
     live.journal.close()
+
+
+def test_a_journal_from_before_a_new_key_continues_while_the_key_is_at_its_default():
+    """An upgrade adds keys (their defaults keep the old behaviour): the old run's configuration,
+    which lacks them, still matches; a non-default value of a new key, or a changed old key, does
+    not."""
+    import json
+
+    from trader.config import load_settings
+    from trader.wiring import config_differences
+
+    now = load_settings(None, {})
+    old = json.loads(now.model_dump_json())
+    del old["execution"]["allow_no_stop_live"]
+    del old["policy"]["batch_bars"]
+    old.pop("notifications", None)
+    assert config_differences(json.dumps(old), now) == []
+    assert config_differences(json.dumps(old), load_settings(None, {"policy": {"batch_bars": 0}})) == [
+        "policy.batch_bars"
+    ]
+    assert config_differences(json.dumps(old), load_settings(None, {"risk": {"max_contracts": 2}})) == [
+        "risk.max_contracts"
+    ]
+
+
+def test_live_trading_without_a_protective_stop_is_refused_unless_meant(tmp_path):
+    import asyncio
+
+    from trader.errors import ConfigError
+    from trader.wiring import open_service_run
+
+    s = make_settings(execution={"stop_mode": "none"})
+    with pytest.raises(ConfigError, match=r"execution.allow_no_stop_live"):
+        asyncio.run(open_service_run(s, "live", tmp_path / "j.sqlite", fresh=False))
+    assert not (tmp_path / "j.sqlite").exists()

@@ -6,7 +6,8 @@ Two layers:
   exist), or when the room left to the trailing drawdown limit < ``dd_buffer_threshold`` of that
   limit, the entry-side actions BUY, SELL, ENABLE_TRAIL become HOLD;
 * hard limits, always on: kill switch, daily loss limit, trailing drawdown breached, trading hours
-  (entries only inside the window, flatten at ``flatten_at``), max contracts.
+  (entries only inside the window, which may wrap past midnight; flatten at ``flatten_at``
+  unless it is "off"), max contracts.
 HOLD, MOVE_TO_BE and DISABLE_TRAIL always pass, and so does an exit: a SELL that only closes a
 long (or a BUY that only covers a short) is never blocked; a vetoed reversal becomes exit-only.
 Pure: the review is a function of its inputs.

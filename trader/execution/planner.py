@@ -6,6 +6,10 @@ MOVE_TO_BE puts the stop at the average entry plus ``be_offset_ticks``; ENABLE_T
 trail distance and the stop then ratchets with each close; DISABLE_TRAIL leaves the stop where
 it is. Client order ids are derived from (run, bar index, intent number): a retried request
 carries the same id. All stop prices are on the tick grid.
+
+``stop_mode = "none"``: entries carry no stop (``stop_ticks`` 0), so there is no stop to move:
+MOVE_TO_BE, ENABLE_TRAIL and DISABLE_TRAIL plan nothing (the action mask never offers them, see
+:mod:`trader.decision.mask`; this is the planner's own guard, never a stop made out of nothing).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class ExecutionPlanner:
         self.run_tag = run_id[:8]
 
     def _ticks(self, mode: str, mult: float, fixed: int, atr: float) -> int:
+        if mode == "none":
+            return 0  # no protective stop
         if mode == "ticks" or not atr > 0:
             return fixed
         return max(1, math.ceil(atr * mult / self.tick - 1e-9))
@@ -95,8 +101,8 @@ class ExecutionPlanner:
                 )
             )
             return Plan(orders=tuple(orders))
-        if pos == 0:
-            return None
+        if pos == 0 or self.stop_mode == "none":
+            return None  # the stop actions: nothing to move without a position and a stop
         if a == Action.MOVE_TO_BE:
             if pos > 0:
                 be = self.grid.round_up(s.avg_entry + self.be_offset)

@@ -11,31 +11,44 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from trader.config import InstrumentConfig, parse_hhmm
+from trader.config import InstrumentConfig, hhmm_minutes, window_minutes
 
 NS = 1_000_000_000
 HOUR_NS = 3600 * NS
-
-
-def _minute_of(hhmm: str) -> int:
-    t = parse_hhmm(hhmm)
-    return t.hour * 60 + t.minute
 
 
 class SessionClock:
     """Maps UTC ns timestamps to exchange-local minutes and trading-session ids.
 
     A trading session starts at ``session_open`` local time (18:00 ET for CME Globex) and its id
-    is the local calendar day on which it ends.
+    is the local calendar day on which it ends. Minutes are of the local day, 0..1439; the entry
+    window and the flatten period may wrap past midnight (entries 18:00-16:00), so membership is
+    tested modulo a day, never with a plain ``start <= minute < end``.
     """
 
     def __init__(self, instrument: InstrumentConfig) -> None:
         self.tz = ZoneInfo(instrument.timezone)
-        self.session_open_min = _minute_of(instrument.session_open)
-        self.session_close_min = _minute_of(instrument.session_close)
-        self.trade_start_min = _minute_of(instrument.trade_start)
-        self.trade_end_min = _minute_of(instrument.trade_end)
-        self.flatten_min = _minute_of(instrument.flatten_at)
+        self.session_open_min = hhmm_minutes(instrument.session_open)
+        self.session_close_min = hhmm_minutes(instrument.session_close) % 1440  # "24:00" = 0
+        self.trade_start_min = hhmm_minutes(instrument.trade_start)
+        self.trade_end_min = hhmm_minutes(instrument.trade_end)  # 1440 for "24:00"
+        self.entry_window_min = window_minutes(instrument.trade_start, instrument.trade_end)
+        # None: flatten_at = "off", positions are never forced flat before the close
+        self.flatten_min: int | None = (
+            None if instrument.flatten_at == "off" else hhmm_minutes(instrument.flatten_at) % 1440
+        )
+        # The to_flatten feature counts down to flatten_at from an anchor minute: midnight when the
+        # window and flatten_at lie inside one calendar day (the layout the bundled policy learnt),
+        # else the session open; flatten_at at the close counts down to the close.
+        self._flatten_anchor = self.session_open_min
+        self._flatten_rel: int | None = None
+        if self.flatten_min is not None:
+            raw = hhmm_minutes(instrument.flatten_at)
+            if self.trade_start_min < self.trade_end_min <= raw < 1440:
+                self._flatten_anchor = 0
+            self._flatten_rel = (self.flatten_min - self._flatten_anchor) % 1440
+            if self._flatten_anchor != 0 and self.flatten_min == self.session_close_min:
+                self._flatten_rel = (self.session_close_min - self.session_open_min) % 1440 or 1440
         self._offsets: dict[int, int] = {}
 
     def offset_s(self, ts_ns: int) -> int:
@@ -61,13 +74,15 @@ class SessionClock:
         return (local_s - self.session_open_min * 60) // 86400 + 1
 
     def in_entry_window(self, minute: int) -> bool:
-        return self.trade_start_min <= minute < self.trade_end_min
+        """True from trade_start until trade_end (exclusive), across midnight when it wraps."""
+        return (minute - self.trade_start_min) % 1440 < self.entry_window_min
 
     def past_flatten(self, minute: int) -> bool:
-        """True from flatten_at until the session closes (entries blocked, positions flattened)."""
-        if self.flatten_min <= self.session_close_min:
-            return self.flatten_min <= minute < self.session_close_min
-        return minute >= self.flatten_min or minute < self.session_close_min
+        """True from flatten_at until the session closes (entries blocked, positions flattened);
+        never with ``flatten_at = "off"``."""
+        if self.flatten_min is None:
+            return False
+        return (minute - self.flatten_min) % 1440 < (self.session_close_min - self.flatten_min) % 1440
 
     # vectorised twins -------------------------------------------------------------------------
     def local_s_batch(self, ts_ns: np.ndarray) -> np.ndarray:
@@ -78,3 +93,15 @@ class SessionClock:
 
     def session_id_batch(self, ts_ns: np.ndarray) -> np.ndarray:
         return (self.local_s_batch(ts_ns) - self.session_open_min * 60) // 86400 + 1
+
+    def in_entry_window_batch(self, minute: np.ndarray) -> np.ndarray:
+        """:meth:`in_entry_window` for an array of minutes of the day (bool array)."""
+        return (minute - self.trade_start_min) % 1440 < self.entry_window_min
+
+    def to_flatten_batch(self, minute: np.ndarray) -> np.ndarray:
+        """The ``to_flatten`` feature: minutes until flatten_at in units of 390 (a regular session),
+        clipped to [0, 1]; 0 from flatten_at until the count restarts, 1 with flatten_at "off"."""
+        if self._flatten_rel is None:
+            return np.ones_like(minute, dtype=np.float64)
+        left = self._flatten_rel - (minute - self._flatten_anchor) % 1440
+        return np.clip(left / 390.0, 0.0, 1.0)

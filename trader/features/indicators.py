@@ -4,6 +4,11 @@ Every class has ``update(...)`` (O(1) per bar, for live bars) and a ``batch(...)
 over whole numpy arrays (for replay). Both follow TA-Lib's seeding conventions (EMA seeded with
 the SMA of the first n values, Wilder averages seeded with the mean of the first n terms), so the
 parity tests can compare both against TA-Lib and against each other. Values are NaN until ready.
+
+Each class also says how long that is: ``lookback(...)`` = the bars before its first value (the
+0-based index of its first value when every input is defined from the first bar). The automatic
+warm-up (``features.warmup_bars = "auto"``) is built from these; a test checks each one against
+the values the class really produces.
 """
 
 from __future__ import annotations
@@ -71,6 +76,10 @@ class Lag:
         self._buf.append(x)
         return self._buf[0] if len(self._buf) == self.k + 1 else NAN
 
+    @staticmethod
+    def lookback(k: int) -> int:
+        return k
+
 
 class SMA:
     """Simple moving average over n values, with a running sum."""
@@ -98,6 +107,10 @@ class SMA:
     @classmethod
     def batch(cls, x: np.ndarray, n: int) -> np.ndarray:
         return _on_valid_suffix(x, lambda v: rolling_sum_batch(v, n) / n)
+
+    @staticmethod
+    def lookback(n: int) -> int:
+        return n - 1
 
 
 class RollingStd:
@@ -140,6 +153,10 @@ class RollingStd:
 
         return _on_valid_suffix(x, std)
 
+    @staticmethod
+    def lookback(n: int) -> int:
+        return n - 1
+
 
 class EMA:
     """Exponential moving average, k = 2/(n+1), seeded with the SMA of the first n values."""
@@ -175,6 +192,10 @@ class EMA:
         start = first + n - 1
         seed = float(np.mean(x[first : start + 1]))
         return recurrence_batch(x, start, seed, a)
+
+    @staticmethod
+    def lookback(n: int) -> int:
+        return n - 1  # seeded with the mean of the first n values
 
 
 class Wilder(EMA):
@@ -239,6 +260,10 @@ class RSI:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(total > 0, 100.0 * g / total, np.where(np.isnan(total), NAN, 50.0))
 
+    @staticmethod
+    def lookback(n: int) -> int:
+        return n  # n changes: n + 1 values
+
 
 def true_range_batch(h: np.ndarray, lo: np.ndarray, c: np.ndarray) -> np.ndarray:
     pc = shift(c, 1)
@@ -267,6 +292,10 @@ class ATR:
     @classmethod
     def batch(cls, h: np.ndarray, lo: np.ndarray, c: np.ndarray, n: int) -> np.ndarray:
         return Wilder.batch(true_range_batch(h, lo, c), n)
+
+    @staticmethod
+    def lookback(n: int) -> int:
+        return n  # the true range starts at the second bar
 
 
 class ADX:
@@ -354,6 +383,11 @@ class ADX:
         adx = Wilder.batch(dx, n)
         return adx, pdi, mdi
 
+    @staticmethod
+    def lookback(n: int) -> tuple[int, int]:
+        """(ADX, ±DI): the DIs from the n-th change on, ADX a Wilder average of n DX values."""
+        return 2 * n - 1, n
+
 
 class MACD:
     """MACD line (EMA fast - EMA slow), its signal EMA and the histogram."""
@@ -377,6 +411,12 @@ class MACD:
         line[: slow - 1] = NAN
         sig = EMA.batch(line, signal)
         return line, sig, line - sig
+
+    @staticmethod
+    def lookback(fast: int = 12, slow: int = 26, signal: int = 9) -> tuple[int, int]:
+        """(line, signal and histogram)."""
+        line = EMA.lookback(max(fast, slow))
+        return line, line + EMA.lookback(signal)
 
 
 class RollingMax:
@@ -407,6 +447,10 @@ class RollingMax:
         if len(x) >= n:
             out[n - 1 :] = np.lib.stride_tricks.sliding_window_view(x, n).max(axis=1)
         return out
+
+    @staticmethod
+    def lookback(n: int) -> int:
+        return n - 1
 
 
 class RollingMin(RollingMax):
@@ -451,6 +495,10 @@ class EfficiencyRatio:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(noise > 0, net / noise, np.where(np.isnan(noise), NAN, 0.0))
 
+    @staticmethod
+    def lookback(n: int) -> int:
+        return n
+
 
 class ResampledRSI:
     """RSI on higher-timeframe bars (e.g. 15 or 60 minutes) built from 1-minute closes.
@@ -476,6 +524,12 @@ class ResampledRSI:
             self._bucket = b
         self._last_close = close
         return self._rsi.peek(close)
+
+    @staticmethod
+    def lookback(minutes: int, n: int = 14) -> int:
+        """Worst case, 1-minute bars from the start of a bucket: n + 1 completed buckets (a later
+        start completes the first bucket sooner; gaps in the bars make it fewer bars)."""
+        return (n + 1) * minutes
 
     @classmethod
     def batch(cls, ts_ns: np.ndarray, close: np.ndarray, minutes: int, n: int = 14) -> np.ndarray:

@@ -65,6 +65,43 @@ LAGS: tuple[tuple[str, int], ...] = (
 )
 
 
+def primitive_lookbacks() -> dict[str, int]:
+    """Bars before each primitive's first value (see ``lookback`` in ``indicators.py``), for
+    every primitive :class:`MarketState` and :func:`primitives_batch` produce, lags included.
+
+    Session values (VWAP, session high/low/open) exist from the first bar; the previous session's
+    close is NaN until a second session begins, which the formulas read as "no gap" (0), so it
+    holds no decision back and counts 0 here.
+    """
+    lb: dict[str, int] = {k: 0 for k in ("open", "high", "low", "close", "volume", "ts", "local_s")}
+    lb |= {k: 0 for k in ("range", "logv", "vwap", "sess_high", "sess_low", "sess_open", "prev_sess_close")}
+    lb |= {f"ema_{n}": EMA.lookback(n) for n in EMA_PERIODS}
+    lb |= {f"sma_{n}": SMA.lookback(n) for n in (*SMA_PERIODS, *CLOSE_STD)}
+    lb |= {f"rsi_{n}": RSI.lookback(n) for n in RSI_PERIODS}
+    lb |= {f"atr_{n}": ATR.lookback(n) for n in ATR_PERIODS}
+    for n in (14, 7):
+        lb[f"adx_{n}"], lb[f"pdi_{n}"] = ADX.lookback(n)
+        lb[f"mdi_{n}"] = lb[f"pdi_{n}"]
+    for key, (fast, slow, signal) in (("macd", (12, 26, 9)), ("macdf", (5, 35, 5))):
+        lb[key], lb[f"{key}_sig"] = MACD.lookback(fast, slow, signal)
+        lb[f"{key}_hist"] = lb[f"{key}_sig"]
+    for n in DONCHIAN:
+        lb[f"hh_{n}"] = lb[f"ll_{n}"] = RollingMax.lookback(n)
+    lb |= {f"std_{n}": RollingStd.lookback(n) for n in CLOSE_STD}
+    lb["ret1"] = Lag.lookback(1)
+    lb |= {f"rstd_{n}": Lag.lookback(1) + RollingStd.lookback(n) for n in RET_STD}  # of log returns
+    lb |= {f"vsma_{n}": SMA.lookback(n) for n in VOL_SMA}
+    lb["vstd_20"] = RollingStd.lookback(20)
+    lb |= {f"er_{n}": EfficiencyRatio.lookback(n) for n in ER_PERIODS}
+    lb["rsi_15m"] = ResampledRSI.lookback(15)
+    lb["rsi_60m"] = ResampledRSI.lookback(60)
+    lb["range_sma_20"] = SMA.lookback(20)
+    lb["atr_sma_240"] = lb["atr_14"] + SMA.lookback(240)  # an SMA of ATR(14)
+    for name, k in LAGS:
+        lb[f"{name}@{k}"] = lb[name] + Lag.lookback(k)
+    return lb
+
+
 class MarketState:
     """Incremental primitives for live bars: call :meth:`update` once per bar, in time order."""
 
@@ -324,11 +361,9 @@ def derive(p: dict[str, np.ndarray], clock: SessionClock, tick_size: float) -> d
     rth = (minute >= 570) & (minute < 960)
     f["is_rth"] = rth.astype(np.float64)
     f["is_overnight"] = (~rth).astype(np.float64)
-    f["in_entry_window"] = ((minute >= clock.trade_start_min) & (minute < clock.trade_end_min)).astype(
-        np.float64
-    )
+    f["in_entry_window"] = clock.in_entry_window_batch(minute).astype(np.float64)
     f["rth_elapsed"] = np.clip((minute - 570) / 390.0, 0.0, 1.0)
-    f["to_flatten"] = np.clip((clock.flatten_min - minute) / 390.0, 0.0, 1.0)
+    f["to_flatten"] = clock.to_flatten_batch(minute)
     # Q. session levels
     f["session_high_dist_atr"] = _div(c - p["sess_high"], atr)
     f["session_low_dist_atr"] = _div(c - p["sess_low"], atr)

@@ -1,4 +1,5 @@
-"""Replay feed: recorded bars from CSV or Parquet files (polars), one file or many.
+"""Replay feed: recorded bars from CSV or Parquet files (polars) or Databento DBN files (OHLCV-1m,
+``.dbn``/``.dbn.zst``, read by :mod:`trader.feeds.dbn`), one file or many.
 
 Files are read as they are (rows are never re-sorted, so time going backwards inside a file is
 seen and rejected by validation) and played in the order of their first timestamp. Columns are
@@ -53,6 +54,7 @@ from trader.features.validation import (
     price_outliers,
     reason_codes,
 )
+from trader.feeds.dbn import is_dbn, read_dbn
 from trader.ports import Batch
 
 log = structlog.get_logger(__name__)
@@ -155,8 +157,11 @@ class _Source:
     path: Path
     is_csv: bool
     first_line: int  # line (CSV) or row (Parquet) number of the first row
+    records: np.ndarray | None = None  # DBN: each row's record number in the file
 
     def at(self, i: int) -> str:
+        if self.records is not None:
+            return f"record {int(self.records[i])}"
         return f"{'line' if self.is_csv else 'row'} {self.first_line + i}"
 
 
@@ -429,15 +434,22 @@ def _iso(ts_ns: int, tz: str) -> str:
     return datetime.fromtimestamp(ts_ns // 1_000_000_000, ZoneInfo(tz)).isoformat()
 
 
-def _load_file(fi: int, path: Path, cfg: DataConfig, tick_size: float | None) -> dict[str, np.ndarray]:
-    df = _read_file(path, cfg)
-    is_csv = path.suffix.lower() not in (".parquet", ".pq")
-    src = _Source(path, is_csv, 1 + (1 if is_csv and cfg.has_header else 0))
-    if not df.height:
-        raise DataError(
-            f"{path}: holds no bars ({'only a header' if is_csv and cfg.has_header else 'no rows'})"
-        )
-    raw, names = _select(df, path, cfg)
+def _load_file(
+    fi: int, path: Path, cfg: DataConfig, tick_size: float | None, symbol: str | None = None
+) -> dict[str, np.ndarray]:
+    if is_dbn(path):  # fixed fields, UTC ns, one instrument picked out of the file
+        dbn = read_dbn(path, symbol, cfg.symbol)
+        raw, names = dbn.frame, {f: f for f in FIELDS}
+        src = _Source(path, False, 1, dbn.record)
+    else:
+        df = _read_file(path, cfg)
+        is_csv = path.suffix.lower() not in (".parquet", ".pq")
+        src = _Source(path, is_csv, 1 + (1 if is_csv and cfg.has_header else 0))
+        if not df.height:
+            raise DataError(
+                f"{path}: holds no bars ({'only a header' if is_csv and cfg.has_header else 'no rows'})"
+            )
+        raw, names = _select(df, path, cfg)
     px = _prices(raw, src, names)
     ts, refused = _timestamps(raw["timestamp"], src, names, cfg)
     n = len(ts)
@@ -481,7 +493,11 @@ def _load_file(fi: int, path: Path, cfg: DataConfig, tick_size: float | None) ->
         "close": c,
         "volume": v,
         "origin_file": np.full(n, fi, dtype=np.int32),
-        "origin_line": np.arange(src.first_line, src.first_line + n, dtype=np.int64),
+        "origin_line": (
+            src.records
+            if src.records is not None
+            else np.arange(src.first_line, src.first_line + n, dtype=np.int64)
+        ),
         "refused": refused,
     }
 
@@ -504,11 +520,17 @@ def _check_bar_interval(ts: np.ndarray, src: _Source, cfg: DataConfig) -> None:
 
 
 def load_bars(
-    cfg: DataConfig, paths: Sequence[Path] | None = None, *, tick_size: float | None = None
+    cfg: DataConfig,
+    paths: Sequence[Path] | None = None,
+    *,
+    tick_size: float | None = None,
+    symbol: str | None = None,
 ) -> RecordedBars:
     """Read, check, map and concatenate recorded bars (see the module docstring); fails fast on
     unusable files, rejects bad rows. ``tick_size`` (``instrument.tick_size``): prices off its
-    grid are refused; None = not checked. At least one bar is always usable."""
+    grid are refused; None = not checked. ``symbol`` (``instrument.symbol``): the instrument a DBN
+    file holding several is read for (``data.symbol`` overrides it). At least one bar is always
+    usable."""
     paths = [Path(p) for p in (paths if paths is not None else cfg.paths)]
     if not paths:
         raise DataError("no data files given (data.paths is empty)")
@@ -516,7 +538,7 @@ def load_bars(
     hi_ns = bound_ns(cfg.end, cfg.timezone, "data.end (--to)")
     if lo_ns is not None and hi_ns is not None and lo_ns >= hi_ns:
         raise ConfigError(f"data.start (--from) {cfg.start} is not before data.end (--to) {cfg.end}")
-    frames = [_load_file(fi, path, cfg, tick_size) for fi, path in enumerate(paths)]
+    frames = [_load_file(fi, path, cfg, tick_size, symbol) for fi, path in enumerate(paths)]
 
     def first_ts(f: dict[str, np.ndarray]) -> int:
         ok = f["ts_ns"][(f["ts_ns"] >= 0) & (f["refused"] == 0)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trader.domain import Bar, Fill, Side
+from trader.domain import Bar, Fill, Side, Trade
 from trader.errors import JournalError
 
 
@@ -249,3 +249,206 @@ def answered_queries(path: str | Path, run_id: str) -> list[tuple[Any, ...]]:
                 (run_id,),
             )
         )
+
+
+# -- the run report (trader/report): one run read back, table by table -----------------------------
+@contextmanager
+def _read(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """:func:`_open` read-only, and a file that is not SQLite at all named as such too."""
+    try:
+        with _open(path) as con:
+            yield con
+    except sqlite3.DatabaseError as exc:  # "file is not a database": garbage or a truncated file
+        raise JournalError(f"journal {path} is not a trader journal (or is damaged): {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run's row: what ran, on what, how it ended (``report`` None until it finished)."""
+
+    run_id: str
+    started_at: str
+    finished_at: str | None
+    mode: str
+    status: str
+    config_json: str
+    policy_path: str | None
+    data_files: tuple[str, ...]
+    bars: int | None
+    report: dict[str, Any] | None
+
+
+def runs(path: str | Path) -> list[RunInfo]:
+    """Every run in the journal, oldest first."""
+    with _read(path) as con:
+        rows_ = con.execute(
+            "SELECT run_id, started_at, finished_at, mode, status, config_json, policy_path, data_files, "
+            "bars, report_json FROM runs ORDER BY started_at, rowid"
+        ).fetchall()
+    return [
+        RunInfo(
+            str(rid),
+            str(started),
+            finished,
+            str(mode),
+            str(status),
+            str(cfg),
+            policy,
+            tuple(json.loads(files)) if files else (),
+            None if bars is None else int(bars),
+            json.loads(report) if report else None,
+        )
+        for rid, started, finished, mode, status, cfg, policy, files, bars, report in rows_
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionSeries:
+    """Per decided bar of a run, in bar order (parallel lists): the account after the decision."""
+
+    bar_index: list[int]
+    ts_ns: list[int]
+    close: list[float]
+    position: list[int]
+    equity_usd: list[float]
+    method: list[str]
+
+
+def decision_series(path: str | Path, run_id: str) -> DecisionSeries:
+    with _read(path) as con:
+        cols = list(
+            zip(
+                *con.execute(
+                    "SELECT bar_index, ts_ns, close, position, equity_usd, method FROM decisions "
+                    "WHERE run_id=? ORDER BY bar_index",
+                    (run_id,),
+                ),
+                strict=True,
+            )
+        )
+    if not cols:
+        return DecisionSeries([], [], [], [], [], [])
+    return DecisionSeries(*(list(c) for c in cols))
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedDecision:
+    """A decided bar the report marks: one with LLM advice, or a vetoed BUY/SELL."""
+
+    bar_index: int
+    ts_ns: int
+    close: float
+    probs: tuple[float, ...]  # the RL policy's six action probabilities
+    rl_action: int
+    rl_conf: float
+    llm_action: int | None
+    llm_conf: float | None
+    llm_age_bars: int | None
+    method: str
+    reasons: str
+    fused_action: int
+    final_action: int
+    vetoes: str | None
+    position: int
+
+
+def marked_decisions(path: str | Path, run_id: str) -> list[MarkedDecision]:
+    """Decisions that had LLM advice, and those whose BUY or SELL was vetoed, in bar order."""
+    with _read(path) as con:
+        found = con.execute(
+            "SELECT bar_index, ts_ns, close, p_hold, p_buy, p_sell, p_move_to_be, p_enable_trail, "
+            "p_disable_trail, rl_action, rl_conf, llm_action, llm_conf, llm_age_bars, method, reasons, "
+            "fused_action, final_action, vetoes, position FROM decisions WHERE run_id=? AND "
+            "(llm_action IS NOT NULL OR (vetoes IS NOT NULL AND fused_action IN (1, 2))) ORDER BY bar_index",
+            (run_id,),
+        ).fetchall()
+    return [
+        MarkedDecision(
+            int(r[0]),
+            int(r[1]),
+            float(r[2]),
+            tuple(float(p or 0.0) for p in r[3:9]),
+            int(r[9] or 0),
+            float(r[10] or 0.0),
+            r[11],
+            r[12],
+            r[13],
+            str(r[14]),
+            str(r[15] or ""),
+            int(r[16]),
+            int(r[17]),
+            r[18],
+            int(r[19]),
+        )
+        for r in found
+    ]
+
+
+def run_trades(path: str | Path, run_id: str) -> list[tuple[int, Trade]]:
+    """(seq, trade) of every closed trade, in the order they closed."""
+    with _read(path) as con:
+        found = con.execute(
+            "SELECT seq, entry_ts_ns, exit_ts_ns, side, qty, entry_price, exit_price, pnl_usd, exit_reason "
+            "FROM trades WHERE run_id=? ORDER BY seq",
+            (run_id,),
+        ).fetchall()
+    return [
+        (
+            int(seq),
+            Trade(int(ets), int(xts), Side(side), int(qty), float(ep), float(xp), float(pnl), str(why)),
+        )
+        for seq, ets, xts, side, qty, ep, xp, pnl, why in found
+    ]
+
+
+def stop_levels(path: str | Path, run_id: str) -> list[tuple[int, float | None]]:
+    """(ts_ns, protective stop working after it) from the account rows (fills, stop moves, the
+    run's end), in journal order; None = no stop (flat)."""
+    with _read(path) as con:
+        return [
+            (int(ts or 0), None if stop is None else float(stop))
+            for ts, stop in con.execute(
+                "SELECT ts_ns, stop_price FROM account WHERE run_id=? ORDER BY rowid", (run_id,)
+            )
+        ]
+
+
+def journaled_bars(path: str | Path, run_id: str) -> dict[int, Bar]:
+    """Decided bars journaled with their OHLC (service runs), by bar index; empty for a replay."""
+    with _read(path) as con:
+        return {
+            int(i): Bar(int(ts), o, h, lo, c, v)
+            for i, ts, o, h, lo, c, v in con.execute(
+                "SELECT bar_index, ts_ns, open, high, low, close, volume FROM bars "
+                "WHERE run_id=? AND kind='bar' ORDER BY seq",
+                (run_id,),
+            )
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AdviceAnswer:
+    """An LLM answer that became advice: the query, what it said, when it became usable."""
+
+    query_id: int
+    asked_bar: int
+    trigger: str
+    raw_answer: str
+    parsed_action: str
+    used_conf: float | None
+    latency_ms: float | None
+
+
+def advice_answers(path: str | Path, run_id: str) -> dict[int, AdviceAnswer]:
+    """Parsed LLM answers by the bar at which they became usable (``available_bar``); a decision
+    at bar i with advice of age a used the answer available at bar i - a."""
+    with _read(path) as con:
+        return {
+            int(avail): AdviceAnswer(int(qid), int(asked), str(trig), str(raw), str(act), conf, lat)
+            for qid, asked, trig, raw, act, conf, lat, avail in con.execute(
+                "SELECT query_id, bar_index, trigger, raw_answer, parsed_action, used_conf, latency_ms, "
+                "available_bar FROM llm_queries WHERE run_id=? AND parsed_action IS NOT NULL "
+                "AND available_bar IS NOT NULL ORDER BY query_id",
+                (run_id,),
+            )
+        }

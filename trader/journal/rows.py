@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 from trader.domain import Advice, Bar, Decision, Fill, OrderIntent, PortfolioSnapshot, Trade, Verdict
@@ -18,6 +19,9 @@ from trader.domain import Advice, Bar, Decision, Fill, OrderIntent, PortfolioSna
 class Row(NamedTuple):
     table: str
     values: tuple[Any, ...]
+
+
+_new_row = partial(tuple.__new__, Row)  # Row(table, values) without the Python-level __new__
 
 
 def _num(x: float) -> float | None:
@@ -125,36 +129,38 @@ def decision(
     latency_us: float,
 ) -> Row:
     la = d.llm_action
-    return Row(
-        "decisions",
+    return _new_row(  # Row("decisions", (...)), built in C: one of these per bar
         (
-            run_id,
-            index,
-            bar.ts_ns,
-            bar.close,
-            probs[0],
-            probs[1],
-            probs[2],
-            probs[3],
-            probs[4],
-            probs[5],
-            int(d.rl_action),
-            d.rl_confidence,
-            None if la is None else int(la),
-            d.llm_confidence,
-            None if advice is None else advice.age_bars,
-            d.method,
-            ";".join(d.reasons),
-            int(d.action),
-            int(verdict.action),
-            vetoes_text,
-            verdict.flatten_reason or None,
-            position,
-            balance_usd,
-            equity_usd,
-            threshold_usd,
-            latency_us,
-        ),
+            "decisions",
+            (
+                run_id,
+                index,
+                bar.ts_ns,
+                bar.close,
+                probs[0],
+                probs[1],
+                probs[2],
+                probs[3],
+                probs[4],
+                probs[5],
+                int(d.rl_action),
+                d.rl_confidence,
+                None if la is None else int(la),
+                d.llm_confidence,
+                None if advice is None else advice.age_bars,
+                d.method,
+                ";".join(d.reasons),
+                int(d.action),
+                int(verdict.action),
+                vetoes_text,
+                verdict.flatten_reason or None,
+                position,
+                balance_usd,
+                equity_usd,
+                threshold_usd,
+                latency_us,
+            ),
+        )
     )
 
 
@@ -338,6 +344,18 @@ def control(run_id: str, at: str, action: str, source: str, reason: str, result:
 SCHEMA = "\n".join(
     (RUNS, BARS_REJECTED, DECISIONS, ORDERS, FILLS, TRADES, ACCOUNT, LLM_QUERIES, BARS, CONTROL)
 )
+
+# The tables each ``journal.level`` keeps (the runs row, with its report, always): full = all;
+# trades = all but the per-bar ones (decisions; bars is a live run's recovery source, and live
+# runs journal in full); summary = none.
+TABLES = frozenset(
+    ("bars_rejected", "decisions", "orders", "fills", "trades", "account", "llm_queries", "bars", "control")
+)
+LEVEL_TABLES = {
+    "full": TABLES,
+    "trades": TABLES - {"decisions", "bars"},
+    "summary": frozenset[str](),
+}
 
 COLUMNS = {
     "bars_rejected": 10,

@@ -25,13 +25,14 @@ control         every control request (halt, resume, flatten, reload, stop): whe
 
 from __future__ import annotations
 
+import operator
 import os
 import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,13 @@ class Journal:
     Waking the writer for every row would hand the GIL back and forth on each bar.
     """
 
-    def __init__(self, path: str | Path, batch_size: int = 512, flush_interval_ms: int = 200) -> None:
+    def __init__(
+        self, path: str | Path, batch_size: int = 512, flush_interval_ms: int = 200, level: str = "full"
+    ) -> None:
+        if level not in rows.LEVEL_TABLES:
+            raise JournalError(f"journal.level {level!r}: expected one of {', '.join(rows.LEVEL_TABLES)}")
+        self.level = level
+        self._keep = rows.LEVEL_TABLES[level]  # the tables this level writes (runs: always)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.batch_size = batch_size
@@ -80,7 +87,8 @@ class Journal:
         self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # statements: a few power-of-two sizes per table and NULL pattern, prepared once each
+        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, cached_statements=512)
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")
         con.execute("PRAGMA busy_timeout=5000")
@@ -115,7 +123,13 @@ class Journal:
         for the next point (or a flush). The engine sets one after each bar, so a crash leaves the
         journal at a bar boundary: a bar's decision, orders, fills, trades and account rows are
         committed all together or not at all."""
-        self._buf.append(("__point__", None))
+        buf = self._buf
+        try:
+            if buf[-1][0] == "__point__":
+                return  # nothing recorded since the last point (a bar with no rows at this level)
+        except IndexError:  # empty: the writer took everything (maybe rows not yet committed)
+            pass
+        buf.append(("__point__", None))
 
     def discard_uncommitted(self, keep: tuple[str, ...] = ()) -> None:
         """Drop the rows recorded since the last commit point, but those of the ``keep`` tables
@@ -131,8 +145,10 @@ class Journal:
     def record(self, row: Row) -> None:
         if self._error is not None:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
-        buf = self._buf
         table = row[0]
+        if table not in self._keep:
+            return  # not journaled at this journal.level
+        buf = self._buf
         buf.append(row)
         if (table in _URGENT or len(buf) >= self.batch_size) and not self._wake.is_set():
             self._wake.set()
@@ -179,6 +195,11 @@ class Journal:
             return f"journal file {self.path} is not writable"
         return None
 
+    @property
+    def backlog(self) -> int:
+        """Rows and commit points queued for the writer thread: how far behind it is."""
+        return len(self._buf)
+
     def flush(self) -> None:
         """Block until everything recorded so far is committed."""
         done = threading.Event()
@@ -204,23 +225,43 @@ class Journal:
     def _insert(self, con: sqlite3.Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
         # One multi-row INSERT per chunk: SQLite runs it in one step, so the GIL is released and
         # re-taken once per chunk instead of once per row (executemany), which would otherwise
-        # hand the GIL back and forth with the bar loop on every bar.
-        n = _INSERTS[table]
-        per = max(1, _MAX_VARIABLES // n)
-        for s in range(0, len(rows), per):
-            chunk = rows[s : s + per]
-            sql = self._sql.get((table, len(chunk)))
-            if sql is None:
-                one = "(" + ", ".join("?" * n) + ")"
-                sql = self._sql[(table, len(chunk))] = f"INSERT INTO {table} VALUES " + ", ".join(
-                    [one] * len(chunk)
+        # hand the GIL back and forth with the bar loop on every bar. Chunks have power-of-two
+        # sizes: a handful of statements per table, each prepared once (the connection's statement
+        # cache keeps them). Binding is most of the writer's work, so what is the same in every row
+        # of a chunk goes into the statement's text instead: a column NULL throughout (binding None
+        # costs an adapter lookup) and the run id.
+        per = 1 << ((_MAX_VARIABLES // _INSERTS[table]).bit_length() - 1)
+        s = 0
+        while s < len(rows):
+            size = min(per, 1 << ((len(rows) - s).bit_length() - 1))
+            chunk = rows[s : s + size]
+            s += size
+            columns = list(zip(*chunk, strict=True))
+            kinds = [set(map(type, c)) for c in columns]
+            if all(k <= _PLAIN for k in kinds):
+                text = tuple(
+                    _same_in_every_row(c, k, i == 0)
+                    for i, (c, k) in enumerate(zip(columns, kinds, strict=True))
                 )
-            params = list(chain.from_iterable(chunk))
+                bound = [c for c, t in zip(columns, text, strict=True) if t is None]
+                params = list(chain.from_iterable(zip(*bound, strict=True)))
+            else:  # numpy scalars and the like would bind as bytes: stored as what they are
+                text = (None,) * len(columns)
+                raw = list(chain.from_iterable(chunk))
+                params = [_storable(v) for v in raw]
+                self.coerced += sum(type(a) is not type(b) for a, b in zip(raw, params, strict=True))
+            key = (table, size, text)
+            sql = self._sql.get(key)
+            if sql is None:
+                if len(self._sql) >= 512:  # bounded, whatever mix of NULLs a long run brings
+                    self._sql.clear()
+                one = "(" + ", ".join(t or "?" for t in text) + ")"
+                sql = self._sql[key] = f"INSERT INTO {table} VALUES " + ", ".join([one] * size)
             try:
                 con.execute(sql, params)
             except (OverflowError, ValueError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
-                # a value SQLite cannot bind (an integer past 64 bits, an odd type): stored as text
-                # rather than losing the transaction's rows
+                # a value SQLite cannot bind (an integer past 64 bits, a lone surrogate): stored as
+                # text rather than losing the transaction's rows
                 fixed = [_storable(v) for v in params]
                 self.coerced += sum(a is not b for a, b in zip(params, fixed, strict=True))
                 con.execute(sql, fixed)
@@ -228,7 +269,7 @@ class Journal:
 
     def _writer(self) -> None:
         con = self._connect()
-        self._sql: dict[tuple[str, int], str] = {}
+        self._sql: dict[tuple[str, int, tuple[str | None, ...]], str] = {}
         pending: dict[str, list[tuple[Any, ...]]] = {t: [] for t in _INSERTS}
         staged: list[tuple[str, Any]] = []  # recorded after the last commit point
         buf = self._buf
@@ -276,6 +317,29 @@ class Journal:
 
 
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+# what SQLite binds as itself (bool as an integer)
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_NONE = {type(None)}
+
+
+def _same_in_every_row(column: tuple[Any, ...], kinds: set[type], run_id: bool) -> str | None:
+    """The SQL literal of a chunk's column whose rows all hold the same value when the statement's
+    text gives SQLite exactly what binding would: NULL, or (``run_id``: the first column) the
+    very same plain ASCII text object in every row. None: bind the values."""
+    if kinds == _NONE:
+        return "NULL"
+    v = column[0]
+    if (
+        run_id
+        and type(v) is str
+        and v.isascii()
+        and "\x00" not in v
+        and all(map(operator.is_, column, repeat(v)))
+    ):
+        return "'" + v.replace("'", "''") + "'"
+    return None
 
 
 def _storable(v: Any) -> Any:

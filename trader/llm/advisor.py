@@ -19,12 +19,23 @@ that exist to simulate waiting:
 * ``recorded``: answers come from an earlier journal by prompt hash, usable when the earlier run
   could use them; a missing answer is an error or a counted miss (``on_recorded_miss``).
 
-When to ask (``use_selective_querying``): on a significant state change (position, balance or
-win rate since the last query) at once; otherwise every ``query_interval`` bars, labelled with
-the first reason that applies: RL uncertain (confidence < threshold), flat (an entry decision),
-or plain interval. Without selective querying: every bar. Only when the advice can act (inside
-the entry window or with a position open) if ``only_when_actionable``. At most one query is in
-flight; a trigger while busy is counted as skipped.
+When to ask (``advisor.schedule``):
+
+* ``interval`` (``use_selective_querying``): on a significant state change (position, balance or
+  win rate since the last query) at once; otherwise every ``query_interval`` bars, labelled with
+  the first reason that applies: RL uncertain (confidence < threshold), flat (an entry decision),
+  or plain interval. Without selective querying: every bar.
+* ``entries``: only on an entry decision, which the engine names (the RL proposes BUY or SELL
+  while flat, or against the open position, and the risk engine would let it through: a vetoed
+  entry is HOLD whatever the model says, so asking would change nothing). That bar waits for the
+  answer, so the advice takes part in the entry's fusion: in ``async`` replay the wait is
+  simulated like the others (reported as ``sim_wait_s``, never past ``query_timeout_s``);
+  ``recorded`` answers are usable on the bar that asked. The live bar loop never waits on the
+  LLM, so this schedule is refused with wall-clock timing (paper, live).
+
+Either way only when the advice can act (inside the entry window or with a position open) if
+``only_when_actionable``. At most one query is in flight; a trigger while busy is counted as
+skipped.
 
 Answers are untrusted input. Their text is capped at ``ANSWER_MAX_CHARS`` (a longer answer is
 counted as truncated, journaled cut and marked, and is no advice) and parsed in the worker
@@ -48,7 +59,7 @@ import structlog
 
 from trader.config import Settings
 from trader.domain import ACTION_NAMES, Advice, PortfolioSnapshot
-from trader.errors import JournalError
+from trader.errors import ConfigError, JournalError
 from trader.journal import reader, rows
 from trader.journal.rows import Row
 from trader.llm.backends import LLMBackend, LLMBadAnswer, LLMError, LLMReply, LLMTimeout
@@ -169,6 +180,13 @@ class Advisor:
         self.recorded = recorded
         self.reconfigure(settings)
         a = settings.advisor
+        if a.schedule == "entries" and timing == "wall":
+            raise ConfigError(
+                "advisor.schedule: 'entries' makes the entry bar wait for the LLM's answer, which only "
+                "replay may do (the live bar loop never waits on the LLM); use 'interval' here"
+            )
+        # entries: ask only on entry decisions, and decide the entry with the answer (same bar)
+        self.on_entries = a.schedule == "entries"
         self.timeout_s = a.query_timeout_s
         self.confidence_source = a.confidence_source
         self.only_actionable = a.only_when_actionable
@@ -286,23 +304,29 @@ class Advisor:
         snap: PortfolioSnapshot,
         minute: int,
         market: Callable[[], Any],
+        entry_decision: bool = False,
     ) -> Advice | None:
+        """The advice for bar ``i``; may ask. ``entry_decision``: the RL proposes an entry the
+        risk engine would allow (the ``entries`` schedule asks then, and only then)."""
         self._last_ctx = (i, ts_ns, market, snap)
         q = self._inflight
         if q is not None:
             self._collect(q, i, ts_ns)
-        trigger = self._trigger(i, rl_confidence, snap, minute)
+        trigger = self._trigger(i, rl_confidence, snap, minute, entry_decision)
         if trigger is not None:
             if self._inflight is not None:
                 self.stats.skipped_busy += 1
             else:
                 self._submit(i, ts_ns, trigger, market, snap)
-                if self.mode in ("sync", "recorded") and self._inflight is not None:
-                    # recorded: usable on this bar if the earlier run could use it here (sync runs)
+                if (self.mode in ("sync", "recorded") or self.on_entries) and self._inflight is not None:
+                    # recorded: usable on this bar if the earlier run could use it here (sync runs);
+                    # entries: the entry waits for its answer
                     self._collect(self._inflight, i, ts_ns)
         return self._current(i, ts_ns)
 
-    def _trigger(self, i: int, rl_conf: float, snap: PortfolioSnapshot, minute: int) -> str | None:
+    def _trigger(
+        self, i: int, rl_conf: float, snap: PortfolioSnapshot, minute: int, entry_decision: bool
+    ) -> str | None:
         state = (snap.position, round(snap.balance_usd, 2), snap.recent_win_rate)
         if self._wall_due:
             self._wall_due = False
@@ -310,6 +334,8 @@ class Advisor:
             return "wall_interval"
         if self.only_actionable and snap.position == 0 and not self.clock.in_entry_window(minute):
             return None
+        if self.on_entries:
+            return "entry" if entry_decision else None
         if not self.selective:
             return "every_bar"
         changed = self._last_state is not None and state != self._last_state
@@ -365,8 +391,19 @@ class Advisor:
         if self.mode == "sync":
             q.done.wait(self.timeout_s + 5.0)
         elif self.mode == "recorded":
-            need = q.recorded_latency_s or 0.0
+            need = 0.0 if self.on_entries else (q.recorded_latency_s or 0.0)
             if (ts_ns - q.ts_ns) / 1e9 < need:
+                return
+        elif self.on_entries:
+            # async replay, entries: the entry bar waits for its answer, as a trader holding the
+            # order for it would, but never past the query timeout; the wait is simulated time
+            # (sim_wait_s), not decision latency
+            if not q.done.is_set():
+                t0 = time.perf_counter()
+                q.done.wait(max(self.timeout_s - (t0 - q.submitted), 0.0))
+                self.stats.sim_wait_s += time.perf_counter() - t0
+            if not q.done.is_set():
+                self._abandon(q, i)
                 return
         elif self.timing == "bar":
             allowed = (ts_ns - q.ts_ns) / 1e9  # how long the answer could have taken to be usable now

@@ -32,6 +32,7 @@ import structlog
 from trader.config import CpuConfig, LLMModelConfig
 from trader.domain import LLMReply
 from trader.errors import ConfigError, LLMError
+from trader.logs import child_logging_args, configure_child_logging
 
 
 class LLMTimeout(LLMError):
@@ -132,6 +133,7 @@ def _child_main() -> None:
     proto = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
     cfg_json, prefix_cache, cores = sys.argv[1], sys.argv[2] == "1", json.loads(sys.argv[3])
+    configure_child_logging(sys.argv[4] if len(sys.argv) > 4 else None)
     pin_thread(cores)
 
     def send(kind: str, detail: Any) -> None:
@@ -184,6 +186,7 @@ class ProcessBackend:
             self.cfg.model_dump_json(),
             "1" if self.prefix_cache else "0",
             json.dumps(self.cores),
+            *child_logging_args(),  # the child logs as this process does (console or JSON lines)
         ]
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8"

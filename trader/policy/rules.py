@@ -10,6 +10,7 @@ from __future__ import annotations
 from trader.config import Settings
 from trader.domain import Action, Observed, PolicyChoice
 from trader.errors import ConfigError
+from trader.features.clock import SessionClock
 from trader.features.indicators import EMA
 
 
@@ -28,6 +29,31 @@ class Flat:
         pass
 
     def act(self, o: Observed) -> PolicyChoice:
+        return _certain(Action.HOLD)
+
+
+class BuyAndHold:
+    """Long: BUY whenever flat inside the entry window (``instrument.trade_start`` ..
+    ``trade_end``), HOLD otherwise.
+
+    Intraday buy-and-hold under the engine's rules: it buys at the first decided bar of each
+    session's entry window (the fill is the next bar's open) and holds until something closes the
+    position, which with the default session rules is the flatten at ``instrument.flatten_at``
+    (15:55 ET), so it is long from 09:30 to 15:55 every session. A protective stop or a risk
+    rule (daily loss limit, trailing drawdown) can close it earlier; it buys again on the next bar
+    the risk engine allows an entry. Run it with ``execution.stop_mode = "none"`` to hold through
+    the day without a stop (``trader compare`` does).
+    """
+
+    name = "buy_and_hold"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.clock = SessionClock(settings.instrument) if settings is not None else None
+
+    def act(self, o: Observed) -> PolicyChoice:
+        in_window = self.clock is None or self.clock.in_entry_window(o.minute_of_day)
+        if o.snapshot.position == 0 and in_window and o.mask[Action.BUY]:
+            return _certain(Action.BUY)
         return _certain(Action.HOLD)
 
 

@@ -10,6 +10,10 @@ POST /resume    entries allowed again                                       } th
 POST /flatten   close the position at the next bar and halt entries        } (constant-time)
 POST /kill      kill switch: flatten and no entries until /rearm            }
 POST /rearm     release the operator kill switch                            }
+GET  /          the live dashboard (trader/service/static; read-only: its buttons send the token
+                the user types to the control endpoints above, like any other client)
+GET  /events    the dashboard's server-sent events (see :mod:`trader.service.dashboard`)
+GET  /dashboard/state   the dashboard's snapshot as JSON (last decisions, equity curve, status)
 
 Control requests need ``Authorization: Bearer <token>`` where the token is read from the
 environment variable named by ``service.control_token_env``; without that variable control is
@@ -39,8 +43,12 @@ from prometheus_client.registry import Collector
 
 from trader.controls import OPERATOR_ACTIONS
 from trader.domain import ACTION_NAMES
+from trader.service.alerts import NotificationCollector, NotificationStats
+from trader.service.dashboard import SECURITY_HEADERS, dumps, service_status
+from trader.service.dashboard import asset as read_asset
 
 if TYPE_CHECKING:
+    from trader.service.dashboard import DashboardHub
     from trader.service.operator import Operator
 
 log = structlog.get_logger(__name__)
@@ -48,6 +56,7 @@ log = structlog.get_logger(__name__)
 LATENCY_BUCKETS_S = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 LLM_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_BODY = 4096
+SHUTDOWN_TIMEOUT_S = 3.0  # open requests at stop (an event stream is closed before this)
 REFUSALS_JOURNALED = 5  # per source per minute; more are counted, not journaled
 REFUSAL_WINDOW_S = 60.0
 
@@ -213,7 +222,13 @@ class EngineCollector(Collector):
 
 
 class ControlServer:
-    def __init__(self, operator: Operator, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        operator: Operator,
+        stopping: Callable[[], bool],
+        dashboard: DashboardHub | None = None,
+        notifications: NotificationStats | None = None,
+    ) -> None:
         self.operator = operator
         self.stopping = stopping
         cfg = operator.settings.service
@@ -222,12 +237,21 @@ class ControlServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.refusals = RefusalLimiter()
         self.registry.register(EngineCollector(operator, self.refusals))
+        # trader_notifications_*: served at zero when notifications are off (alerts see a series)
+        self.registry.register(NotificationCollector(notifications))
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/state", self.state)
         for action in OPERATOR_ACTIONS:
             self.app.router.add_post(f"/{action}", self.control)
+        self.dashboard = dashboard
+        if dashboard is not None:
+            self.app.router.add_get("/", self.dashboard_page)
+            self.app.router.add_get("/static/{name}", self.dashboard_asset)
+            self.app.router.add_get("/dashboard/state", self.dashboard_state)
+            self.app.router.add_get("/events", self.dashboard_events)
+            self.app.on_shutdown.append(self._close_streams)  # before open requests are awaited
         self._runner: web.AppRunner | None = None
 
     @web.middleware
@@ -247,7 +271,7 @@ class ControlServer:
             return web.json_response({"error": "internal error"}, status=500)
 
     async def start(self) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -271,6 +295,39 @@ class ControlServer:
 
     async def state(self, request: web.Request) -> web.Response:
         return web.json_response(self.operator.state())
+
+    # -- the live dashboard (read-only; controls go through :meth:`control` like any client) --------
+    def _dashboard_status(self) -> dict[str, Any]:
+        return service_status(self.operator, self.stopping(), bool(self.token))
+
+    def _asset_response(self, name: str) -> web.Response:
+        try:
+            body, content_type = read_asset(name)
+        except (KeyError, FileNotFoundError):
+            raise web.HTTPNotFound(reason=f"no dashboard file {name!r}") from None
+        return web.Response(body=body, content_type=content_type, charset="utf-8", headers=SECURITY_HEADERS)
+
+    async def dashboard_page(self, request: web.Request) -> web.Response:
+        return self._asset_response("dashboard.html")
+
+    async def dashboard_asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name == "dashboard.html":
+            raise web.HTTPNotFound(reason="the dashboard is at /")
+        return self._asset_response(name)
+
+    async def dashboard_state(self, request: web.Request) -> web.Response:
+        assert self.dashboard is not None
+        body = self.dashboard.snapshot(self._dashboard_status())
+        return web.json_response(body, headers=SECURITY_HEADERS, dumps=dumps)
+
+    async def dashboard_events(self, request: web.Request) -> web.StreamResponse:
+        assert self.dashboard is not None
+        return await self.dashboard.stream(request, self._dashboard_status)
+
+    async def _close_streams(self, app: web.Application) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.close_streams()
 
     def _refuse(self, action: str, source: str, why: str, status: int, text: str) -> web.Response:
         journal, suppressed = self.refusals.admit(source, why)

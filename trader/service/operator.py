@@ -64,6 +64,7 @@ class Operator:
         self.controls.apply(action, reason)
         self.engine.journal_control(action, source, "accepted", reason)
         log.warning("control", action=action, source=source, reason=reason)
+        self.engine.watch_controls()  # observers (the dashboard) hear of the halt now, not next bar
         return {"halted": self.controls.halted, "position": self.engine.portfolio.position}
 
     def refused(self, action: str, source: str, why: str) -> None:
@@ -119,6 +120,7 @@ class Operator:
                 log.warning("stale_data_entries_halted", last_bar_age_s=age, limit_s=limit)
             else:
                 log.info("data_resumed_entries_allowed")
+            self.engine.watch_controls()
 
     def journal_problem(self) -> str | None:
         return self.run.journal.health()

@@ -29,6 +29,9 @@ import structlog
 from trader.config import Settings
 from trader.errors import JournalError
 from trader.llm.isolation import pin_bar_loop
+from trader.ports import RunObserver
+from trader.service.alerts import RunAlerts, build_alerts, describe_error
+from trader.service.dashboard import DashboardHub
 from trader.service.http import ControlServer
 from trader.service.notify import LoopWatchdog, Notifier
 from trader.service.operator import Operator
@@ -47,14 +50,19 @@ class Service:
         config_path: Path | None,
         overrides: dict[str, Any] | None = None,
         notifier: Notifier | None = None,
+        dashboard: DashboardHub | None = None,
+        alerts: RunAlerts | None = None,
     ) -> None:
         self.settings = settings
         self.run = run
         self.engine = run.engine
+        self.alerts = alerts  # phone/chat notifications (owned by run_service, which closes them)
         self.operator = Operator(settings, run, config_path, overrides)
         self.notifier = notifier or Notifier()
         self.http = (
-            ControlServer(self.operator, lambda: self.stopping) if settings.service.http_enabled else None
+            ControlServer(self.operator, lambda: self.stopping, dashboard, alerts.stats if alerts else None)
+            if settings.service.http_enabled
+            else None
         )
         self.stopping = False
         self.exit_code = 0
@@ -106,6 +114,8 @@ class Service:
                         await engine
                     if mid_bar:  # a half-done bar: end as a failed run, the journal at the last bar
                         log.error("stop_interrupted_a_bar")
+                        if self.alerts is not None:
+                            self.alerts.error("a stop interrupted a bar: the run ends failed at its last bar")
                         self._engine_failed = True
             if engine.cancelled():
                 status = "failed" if self._engine_failed else "stopped"
@@ -133,6 +143,7 @@ class Service:
             problem = self.operator.journal_problem()
             if problem is not None and not self.run.controls.journal_problem:
                 self.run.controls.journal_lost(problem)
+                self.engine.watch_controls()  # observers (notifications) hear of it now
                 log.error("journal_lost_stopping", problem=problem)
                 print(f"trader: stopping: {problem}; the journal is the recovery source", file=sys.stderr)
                 self.exit_code = EXIT_JOURNAL_LOST
@@ -155,9 +166,14 @@ class Service:
             else:
                 eng.journal_control("stop", "service", "accepted", status)
                 await eng.close(flatten=self.settings.service.on_stop == "flatten")
+                if self.alerts is not None:
+                    self.alerts.service_stopping()
+                    eng.end_of_run()  # the summary of the session the stop cut short
         except Exception as exc:  # a broker or journal failure must not skip finishing the journal
             status = "failed"
             log.error("shutdown_step_failed", error=repr(exc))
+            if self.alerts is not None:
+                self.alerts.error(f"stopping failed: {describe_error(exc, 200)}")
         finally:
             if self.http is not None:
                 await self.http.stop()
@@ -187,21 +203,40 @@ async def run_service(
 ) -> int:
     """Continue the journal's run of this mode (any end: crash, stop, failure) or start one."""
     jpath = Path(journal or settings.journal.path)
-    run = await open_service_run(settings, mode, jpath, fresh)
+    # the live dashboard watches the run from its first bar (served at GET / when HTTP is on)
+    dashboard = DashboardHub() if settings.service.http_enabled else None
+    observers: list[RunObserver] = [dashboard] if dashboard is not None else []
+    # phone/chat notifications (None unless notifications.urls_env holds URLs); another observer
+    # that fails is announced as an error
+    alerts = build_alerts(settings, mode)
+    if alerts is not None:
+        observers = [alerts, *(alerts.guard(o) for o in observers)]
+        alerts.start()
     try:
-        await run.engine.feed.open()  # bad credentials fail here, before READY
-    except BaseException:
-        await run.engine.feed.close()
-        run.journal.close()
+        run = await open_service_run(settings, mode, jpath, fresh, observers=observers)
+        if alerts is not None:
+            alerts.attach(run)
+        try:
+            await run.engine.feed.open()  # bad credentials fail here, before READY
+        except BaseException:
+            await run.engine.feed.close()
+            run.journal.close()
+            raise
+        if settings.cpu.bar_loop_cores != "auto":
+            # pinned only when configured: with "auto" the service's threads stay where the OS puts
+            # them (a local LLM still keeps off the core the service started on); a live test whose
+            # local server stalled did not stop within 60 s with every thread on one core
+            pin_bar_loop(settings.cpu)  # the run is built: its threads keep their core(s) from here on
+        svc = Service(settings, run, config_path, overrides, dashboard=dashboard, alerts=alerts)
+        try:
+            return await svc.main()
+        except BaseException:
+            svc.notifier.stopping("failed")
+            raise
+    except Exception as exc:
+        if alerts is not None:
+            alerts.error(f"the service failed: {describe_error(exc)}")
         raise
-    if settings.cpu.bar_loop_cores != "auto":
-        # pinned only when configured: with "auto" the service's threads stay where the OS puts
-        # them (a local LLM still keeps off the core the service started on); a live test whose
-        # local server stalled did not stop within 60 s with every thread on one core
-        pin_bar_loop(settings.cpu)  # the run is built: its threads keep their core(s) from here on
-    svc = Service(settings, run, config_path, overrides)
-    try:
-        return await svc.main()
-    except BaseException:
-        svc.notifier.stopping("failed")
-        raise
+    finally:
+        if alerts is not None:
+            alerts.close()  # what is queued goes out, within notifications.flush_timeout_s

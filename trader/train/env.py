@@ -40,6 +40,7 @@ from trader.decision.risk import load_rules
 from trader.domain import N_ACTIONS, ComponentHealth, Observed, PolicyChoice
 from trader.engine import Engine, NullJournal
 from trader.features.observation import BulkFeatures, load_feature_blocks
+from trader.features.warmup import warmup_bars
 from trader.feeds.replay import RecordedBars, load_bars
 from trader.ports import Batch, JournalSink
 from trader.wiring import accepted_rows, build_training_engine
@@ -84,12 +85,18 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         self.skip_idle = skip_idle
         self.shuffle = shuffle
         self.journal = journal or NullJournal()
-        recorded = load_bars(settings.data, data_paths, tick_size=settings.instrument.tick_size)
+        recorded = load_bars(
+            settings.data,
+            data_paths,
+            tick_size=settings.instrument.tick_size,
+            symbol=settings.instrument.symbol,
+        )
         accepted = accepted_rows(recorded)
         self.bars = _subset(recorded, accepted)
         cols = {k: getattr(self.bars, k) for k in ("ts_ns", "open", "high", "low", "close", "volume")}
         self.blocks = load_feature_blocks(settings.features.custom_blocks)
         self.features = BulkFeatures(settings, cols, self.blocks)
+        self.warmup = warmup_bars(settings, self.blocks)
         self.layout = self.features.layout
         self.clock = self.features.clock
         self.rules = load_rules(settings.risk.rules, settings.risk.rule_options, settings)
@@ -97,7 +104,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         if not self.sessions:
             raise ValueError(
                 f"no trading session with ready bars between {episode_from or 'the start'} and "
-                f"{episode_to or 'the end'} (warm-up takes {settings.features.warmup_bars} bars)"
+                f"{episode_to or 'the end'} (warm-up takes {self.warmup} bars)"
             )
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.layout.dim,), np.float32)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
@@ -123,13 +130,13 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         hi = bound_ns(end, self.settings.data.timezone)
         sess = self.clock.session_id_batch(ts)
         ready = self.features.ready_col.copy()
-        ready[: self.settings.features.warmup_bars] = False
+        ready[: self.warmup] = False
         if lo is not None:
             ready &= ts >= lo
         if hi is not None:
             ready &= ts < hi
         minute = (self.clock.local_s_batch(ts) // 60) % 1440
-        tradable = (minute >= self.clock.trade_start_min) & (minute < self.clock.trade_end_min)
+        tradable = self.clock.in_entry_window_batch(minute)
         out = []
         for sid in np.unique(sess):
             in_sess = (sess == sid) & ready

@@ -74,13 +74,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the policy and the baselines on [eval_from, eval_to); returns a table of statistics."""
     tz = settings.data.timezone
-    rec = load_bars(settings.data, data_paths, tick_size=settings.instrument.tick_size)
+    rec = load_bars(
+        settings.data, data_paths, tick_size=settings.instrument.tick_size, symbol=settings.instrument.symbol
+    )
     acc = accepted_rows(rec)
     ts_all = rec.ts_ns[acc]
     lo = bound_ns(eval_from, tz)
     assert lo is not None
     first = int(np.searchsorted(ts_all, lo))
-    warm = settings.features.warmup_bars
+    from trader.features.warmup import warmup_bars
+
+    warm = warmup_bars(settings)
     if first >= len(ts_all):
         raise ValueError(f"no bars at or after {eval_from}")
     if first < warm:

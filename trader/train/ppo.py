@@ -324,3 +324,51 @@ def training_metadata(cfg: TrainConfig, data_files: tuple[str, ...], timesteps: 
         "git_revision": git_revision(),
         "torch_version": torch.__version__,
     }
+
+
+@dataclass(frozen=True)
+class TrainedPolicy:
+    """What :func:`train_and_export` wrote: the ONNX file and what it was trained on."""
+
+    path: Path
+    timesteps: int
+    sessions: int  # training episodes (trading sessions)
+    features: int  # observation size
+    export_diff: float  # torch vs onnxruntime, max abs difference of the probabilities
+    wall_s: float
+
+
+def train_and_export(
+    settings: Settings,
+    cfg: TrainConfig,
+    out: Path,
+    run_dir: Path,
+    data_paths: list[Path] | None = None,
+    *,
+    extra_metadata: dict[str, str] | None = None,
+    progress_bar: bool = False,
+) -> TrainedPolicy:
+    """Train (:func:`train`: seeded, one torch thread, so the same settings, config and data give
+    the same policy) and export to ``out`` with its metadata: the training provenance, the market
+    it is for, and ``extra_metadata``. Only bars ``settings.data`` selects are loaded, so a
+    ``data.end`` keeps every later bar out of training. Raises :class:`ExportError` when the export
+    check fails (nothing is written then)."""
+    from trader.policy import trained_for
+
+    t0 = time.perf_counter()
+    model, env, sample = train(settings, cfg, run_dir, data_paths, progress_bar=progress_bar)
+    meta = training_metadata(cfg, env.bars.files, int(model.num_timesteps))
+    meta.update(trained_for(settings))
+    meta.update(extra_metadata or {})
+    try:
+        diff = export_onnx(model, env.layout, out, sample, meta, seed=cfg.seed)
+    finally:
+        env.close()
+    return TrainedPolicy(
+        Path(out),
+        int(model.num_timesteps),
+        env.n_episodes,
+        env.layout.dim,
+        diff,
+        round(time.perf_counter() - t0, 2),
+    )

@@ -1,0 +1,142 @@
+"""Research configurations through the real engine, journal and paper broker on the bundled NQ
+slice: a 24-hour (Globex) entry window, flatten_at = "off", stop_mode = "none" with a real ONNX
+policy, and the automatic warm-up."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from tests.conftest import make_settings, write_policy
+from trader.features.layout import build_layout
+from trader.replay import ReplayOutcome, replay
+
+NY = ZoneInfo("America/New_York")
+GLOBEX = {"trade_start": "18:00", "trade_end": "16:00", "flatten_at": "16:00"}
+EMA_CROSS = {"path": "strategies.rules:EmaCross", "options": {"fast": 5, "slow": 20}}
+
+
+def run(tmp_path: Path, name: str, **overrides: Any) -> tuple[ReplayOutcome, Path]:
+    # room enough that the day's losses never flatten: only the hours under test do
+    overrides.setdefault("risk", {"enable_risk_veto": False, "daily_loss_limit_usd": 1e6})
+    overrides.setdefault("account", {"starting_balance_usd": 1e6, "trailing_drawdown_usd": 5e5})
+    overrides.setdefault("features", {"warmup_bars": 300})
+    db = tmp_path / f"{name}.sqlite"
+    return replay(make_settings(**overrides), journal_path=db), db
+
+
+def rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def minute(ts_ns: int) -> int:
+    t = datetime.fromtimestamp(ts_ns / 1e9, NY)
+    return t.hour * 60 + t.minute
+
+
+def entry_minutes(db: Path) -> list[int]:
+    """Minutes of the day of the bars whose decision opened a position."""
+    return [minute(t) for (t,) in rows(db, "SELECT ts_ns FROM orders WHERE purpose IN ('entry', 'reverse')")]
+
+
+def at_night(m: int) -> bool:
+    return m >= 18 * 60 or m < 9 * 60 + 30
+
+
+# -- 24-hour trading ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def globex(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run(tmp_path_factory.mktemp("globex"), "j", instrument=GLOBEX, policy=EMA_CROSS)[1]
+
+
+@pytest.fixture(scope="module")
+def regular(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run(tmp_path_factory.mktemp("regular"), "j", policy=EMA_CROSS)[1]
+
+
+def test_a_window_that_wraps_midnight_enters_at_night(globex, regular):
+    night = [m for m in entry_minutes(globex) if at_night(m)]
+    assert len(night) > 10, "the 18:00-16:00 window should trade the overnight session"
+    assert not [m for m in entry_minutes(regular) if at_night(m)]  # 09:30-15:45 never does
+
+
+def test_nothing_is_entered_between_the_window_end_and_the_session_close(globex):
+    late = [m for m in entry_minutes(globex) if 16 * 60 <= m < 18 * 60]
+    assert late == []
+    blocked = rows(globex, "SELECT ts_ns, vetoes FROM decisions WHERE vetoes LIKE '%flatten_before_close%'")
+    assert blocked and all(16 * 60 <= minute(t) < 17 * 60 for t, _ in blocked)
+
+
+def test_positions_are_flattened_from_flatten_at_and_none_is_held_into_the_break(globex):
+    reasons = {r for (r,) in rows(globex, "SELECT exit_reason FROM trades")}
+    assert "flatten:flatten_before_close" in reasons
+    held = [minute(t) for t, p in rows(globex, "SELECT ts_ns, position FROM decisions") if p != 0]
+    assert not [m for m in held if 16 * 60 + 2 <= m < 18 * 60]  # the flatten fills at 16:01
+
+
+def test_with_flatten_off_positions_are_held_through_the_close(tmp_path):
+    _, db = run(tmp_path, "off", instrument=GLOBEX | {"flatten_at": "off"}, policy=EMA_CROSS)
+    reasons = {r for (r,) in rows(db, "SELECT exit_reason FROM trades")}
+    assert "flatten:flatten_before_close" not in reasons and "exit" in reasons
+    held = [minute(t) for t, p in rows(db, "SELECT ts_ns, position FROM decisions") if p != 0]
+    assert [m for m in held if 16 * 60 + 2 <= m < 17 * 60], "a position should stay open after 16:00"
+    # still no entries outside the window
+    assert not [m for m in entry_minutes(db) if 16 * 60 <= m < 18 * 60]
+
+
+# -- no protective stops ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stop_lover(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ONNX policy that enters, then prefers the stop actions over anything else."""
+    path = tmp_path_factory.mktemp("policy") / "stop_lover.onnx"
+    return write_policy(path, build_layout(True), bias=[0.0, 3.0, 0.0, 6.0, 6.0, 6.0])
+
+
+def test_without_stops_no_stop_action_is_offered_chosen_or_filled(tmp_path, stop_lover):
+    _, db = run(tmp_path, "none", execution={"stop_mode": "none"}, policy={"path": str(stop_lover)})
+    decided = "FROM decisions WHERE method != 'warmup'"
+    assert rows(db, f"SELECT count(*) {decided} AND position != 0")[0][0] > 100
+    (p_stop,) = rows(db, f"SELECT max(p_move_to_be + p_enable_trail + p_disable_trail) {decided}")[0]
+    assert p_stop == 0.0  # masked inside the policy: never offered
+    assert rows(db, f"SELECT count(*) {decided} AND final_action IN (3, 4, 5)")[0][0] == 0
+    assert rows(db, "SELECT count(*) FROM fills WHERE purpose = 'stop'")[0][0] == 0
+    assert rows(db, "SELECT max(stop_ticks) FROM orders")[0][0] == 0
+    assert rows(db, "SELECT count(*) FROM account WHERE stop_price IS NOT NULL")[0][0] == 0
+    assert rows(db, "SELECT count(*) FROM trades")[0][0] > 0
+
+
+def test_the_same_policy_with_stops_moves_them(tmp_path, stop_lover):
+    _, db = run(tmp_path, "atr", policy={"path": str(stop_lover)})
+    assert rows(db, "SELECT count(*) FROM decisions WHERE final_action IN (3, 4)")[0][0] > 0
+    assert rows(db, "SELECT min(stop_ticks) FROM orders WHERE purpose = 'entry'")[0][0] > 0
+
+
+# -- automatic warm-up ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("use_llm_features", "warm"), [(True, 900), (False, 240)])
+def test_auto_warmup_holds_back_exactly_the_bars_the_layout_needs(tmp_path, use_llm_features, warm):
+    features = {"warmup_bars": "auto", "use_llm_features": use_llm_features}
+    out, db = run(tmp_path, "auto", features=features, policy=EMA_CROSS)
+    methods = rows(db, "SELECT method FROM decisions ORDER BY bar_index")
+    assert [m for (m,) in methods[:warm]] == ["warmup"] * warm
+    assert "warmup" not in {m for (m,) in methods[warm:]}
+    assert out.warmup_bars == warm and out.decided_bars == out.usable_bars - warm
+
+
+def test_the_default_warmup_is_still_960_bars(tmp_path):
+    out, db = run(tmp_path, "default", features={}, policy=EMA_CROSS)
+    assert rows(db, "SELECT count(*) FROM decisions WHERE method = 'warmup'")[0][0] == 960 == out.warmup_bars

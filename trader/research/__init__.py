@@ -1,0 +1,1 @@
+"""Research tools: parameter sweeps, walk-forward and run comparison."""
