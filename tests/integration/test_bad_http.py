@@ -67,7 +67,10 @@ class Served:
         return self.raw(b"\r\n".join(lines) + b"\r\n\r\n" + body)
 
     def refused_rows(self) -> list[tuple[str, str]]:
-        self.loop.call_soon_threadsafe(lambda: None)
+        async def committed() -> None:  # on the server's loop, after the requests it served
+            self.run.journal.flush()
+
+        asyncio.run_coroutine_threadsafe(committed(), self.loop).result(60)
         con = sqlite3.connect(self.journal)
         try:
             return con.execute("SELECT action, result FROM control WHERE result LIKE 'refused%'").fetchall()
