@@ -323,6 +323,7 @@ class Engine:
         self._observers: list[RunObserver] = list(observers)
         self._halt_seen: tuple[str, ...] = ()
         self._stop_seen: float | None = None
+        self._session_announced = -1  # the last session whose end the observers were told
         self.busy_since = 0.0  # monotonic time the current bar started (0 = between bars)
         self.last_bar_at = 0.0  # monotonic time the last bar finished
         self.last_bar: Bar | None = None
@@ -471,6 +472,7 @@ class Engine:
         self._in_bar = True
         i = self.bar_index
         self.bar_index = i + 1
+        prev_bar = self.last_bar
         self.last_bar = bar
         ts = _BAR_CLOCK.ts_ns = bar.ts_ns
         clock, pf = self.clock, self.portfolio
@@ -486,7 +488,7 @@ class Engine:
         local_s = clock.local_s(ts)
         session = clock.session_of_local(local_s)
         if self._observers and session != pf.session_id and not self._redriving:
-            self._session_ended()
+            self._session_ended(prev_bar)  # its last bar was not at the close (an early close, a gap)
         pf.mark_bar(bar, session)
         obs = self.features.update(bar)  # 2
         snap = pf.snapshot()  # 3
@@ -656,6 +658,11 @@ class Engine:
             )
             self.watch_controls()
             self._watch_stop(bar.ts_ns)
+            # the session closes with this bar: its summary now, not at the next session's first
+            # bar (an hour later for NQ)
+            bar_min = max(1, self.settings.data.bar_seconds // 60)
+            if 0 < (self.clock.session_close_min - self.clock.minute_of_day(bar.ts_ns)) % 1440 <= bar_min:
+                self._session_ended(bar)
 
     # -- recovery -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -785,18 +792,20 @@ class Engine:
     def end_of_run(self) -> None:
         """The run is over: the last session's summary goes to the observers."""
         if self._observers:
-            self._session_ended()
+            self._session_ended(self.last_bar)
             self.watch_controls()
 
-    def _session_ended(self) -> None:
+    def _session_ended(self, last_bar: Bar | None) -> None:
+        """The portfolio's current session is over; ``last_bar``: its last bar."""
         pf = self.portfolio
-        if pf.session_id < 0 or self.last_bar is None:
+        if pf.session_id < 0 or last_bar is None or pf.session_id == self._session_announced:
             return
+        self._session_announced = pf.session_id
         equity = pf.balance_usd + pf.unrealized_usd
         self._publish(
             SessionEnded(
                 pf.session_id,
-                self.last_bar.ts_ns,
+                last_bar.ts_ns,
                 equity - pf.session_start_equity,
                 pf.daily_trades,
                 equity,

@@ -75,6 +75,21 @@ def test_observers_see_every_decision_fill_trade_stop_and_session_the_journal_ho
     sessions = rec.of(SessionEnded)
     assert len(sessions) == out.report["trading_days"] or len(sessions) == out.report["trading_days"] + 1
     assert abs(sum(s.net_pnl_usd for s in sessions) - out.report["net_pnl"]) < 0.01
+    # each summary comes with the session's last bar (16:59 New York, the bar that ends at the
+    # 17:00 close), right after that bar's decision, not at the next session's first bar
+    from trader.features.clock import SessionClock
+
+    clock = SessionClock(_settings().instrument)
+    closing = [s for s in sessions if clock.minute_of_day(s.last_ts_ns) == 16 * 60 + 59]
+    # Thanksgiving's two early closes (13:00, 13:15) end at their last bar, seen at the next
+    # session's first bar; every other session ends with its 16:59 bar
+    assert len(closing) == len(sessions) - 2
+    early = [s for s in sessions if s not in closing]
+    assert [clock.minute_of_day(s.last_ts_ns) for s in early] == [12 * 60 + 59, 13 * 60 + 14]
+    for s in closing:
+        k = rec.events.index(s)
+        before = rec.events[k - 1]
+        assert isinstance(before, BarDecided) and before.bar.ts_ns == s.last_ts_ns
     assert rec.of(BatchDone)[-1].bars == out.stats.bars
     assert rec.of(BatchDone)[-1].total_bars is not None
 
