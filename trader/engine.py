@@ -537,7 +537,10 @@ class Engine:
             decision = _WARMUP
         ctx = self.controls.risk_context(bar.ts_ns, o.minute_of_day, self.features.context, self._catching_up)
         verdict = self.risk.review(decision.action, snap, ctx)  # 8
-        plan = self.planner.plan(verdict, snap, self.features.atr, i)  # 9
+        if verdict.action == Action.HOLD and not verdict.flatten:
+            plan = None  # 9: what the planner plans for a HOLD that flattens nothing (most bars)
+        else:
+            plan = self.planner.plan(verdict, snap, self.features.atr, i)  # 9
         if plan is not None or pf.trailing:  # most bars have nothing to send
             await self._carry_out(o, plan)  # 10
         if ctx.flatten and pf.position == 0:
@@ -607,9 +610,13 @@ class Engine:
                 reasons=";".join(decision.reasons),
             )
         if vetoes:
+            counts = stats.vetoes
             for v in vetoes:
-                stats.vetoes[v.rule] = stats.vetoes.get(v.rule, 0) + 1
-            vtxt = ";".join(f"{v.rule}:{v.reason}" for v in vetoes)
+                counts[v.rule] = counts.get(v.rule, 0) + 1
+            if len(vetoes) == 1:  # most vetoed bars (no generator and join for one text)
+                vtxt = f"{v.rule}:{v.reason}"
+            else:
+                vtxt = ";".join(f"{v.rule}:{v.reason}" for v in vetoes)
             if logs.log_risk_veto and not self._redriving:
                 log.info("risk_veto", bar=i, action=ACTION_NAMES[decision.action], vetoes=vtxt)
         equity = pf.balance_usd + pf.unrealized_usd

@@ -99,6 +99,9 @@ class RiskEngine:
             DrawdownBuffer(r.dd_buffer_threshold, settings.account.trailing_drawdown_usd),
         ]
         self.extra_rules = list(extra_rules)
+        # minute of the day ─▶ its trading_hours veto and the HOLD verdict with that veto alone:
+        # a policy may propose entries on every bar outside the window (at most 1440 entries)
+        self._outside: dict[int, tuple[Veto, Verdict]] = {}
 
     def review(self, action: Action, s: PortfolioSnapshot, ctx: RiskContext) -> Verdict:
         pos = s.position
@@ -119,19 +122,27 @@ class RiskEngine:
             blocked = (Veto(flatten_reason, "entries blocked"),) if opens else ()
             return Verdict(Action.HOLD, blocked, flatten=pos != 0, flatten_reason=flatten_reason)
 
-        if action in (Action.HOLD, Action.MOVE_TO_BE, Action.DISABLE_TRAIL):
-            return Verdict(action)
+        if action in _ALWAYS_PASS:
+            return _PASSED[action]
         is_exit = (action == Action.SELL and pos > 0) or (action == Action.BUY and pos < 0)
         if is_exit and not self.reverse:
-            return Verdict(action)  # a pure exit is never blocked
+            return _PASSED[action]  # a pure exit is never blocked (is_exit: action is BUY or SELL)
 
         vetoes: list[Veto] = []
         if ctx.halted:
             vetoes.append(Veto("halted", ctx.halt_reason or "trading halted"))
         if ctx.catching_up:
             vetoes.append(Veto("catching_up", "backfilled bar after a reconnect"))
-        if not self.clock.in_entry_window(ctx.minute_of_day) and action != Action.ENABLE_TRAIL:
-            vetoes.append(Veto("trading_hours", f"minute {ctx.minute_of_day} outside the entry window"))
+        outside = None
+        minute = ctx.minute_of_day
+        if not self.clock.in_entry_window(minute) and action != Action.ENABLE_TRAIL:
+            outside = self._outside.get(minute) if type(minute) is int else None
+            if outside is None:
+                veto = Veto("trading_hours", f"minute {minute} outside the entry window")
+                outside = (veto, Verdict(Action.HOLD, (veto,)))
+                if type(minute) is int:  # the text is the key's: 570 and 570.0 would read differently
+                    self._outside[minute] = outside
+            vetoes.append(outside[0])
         if (action == Action.BUY and pos >= self.max_contracts) or (
             action == Action.SELL and -pos >= self.max_contracts
         ):
@@ -146,10 +157,18 @@ class RiskEngine:
             if why:
                 vetoes.append(Veto(rule.name, why))
         if not vetoes:
-            return Verdict(action)
+            return _PASSED.get(action) or Verdict(action)  # a plug-in fusion's odd action as it is
         if is_exit:  # a vetoed reversal still closes the position
             return Verdict(action, tuple(vetoes), reduce_only=True)
+        if outside is not None and len(vetoes) == 1:
+            return outside[1]  # only outside the entry window: the minute's shared verdict
         return Verdict(Action.HOLD, tuple(vetoes))
+
+
+# The verdict of an action that passes with no veto, one shared (frozen) object per action: most
+# bars pass, and building a Verdict per bar costs more than the rest of the review.
+_PASSED = {a: Verdict(a) for a in Action}
+_ALWAYS_PASS = frozenset({Action.HOLD, Action.MOVE_TO_BE, Action.DISABLE_TRAIL})
 
 
 def _opens_exposure(action: Action, pos: int, reverse: bool) -> bool:

@@ -104,23 +104,33 @@ class RecordedBars:
     def origin(self, i: int) -> str:
         return f"{self.files[self.origin_file[i]]}:{self.origin_line[i]}"
 
-    def items(self) -> list[tuple[Bar | None, int]]:
-        """Every row as (bar, row index); bar is None where the timestamp could not be parsed, a
-        :class:`RefusedBar` where its file refused the row."""
-        ts, o, h, lo, c, v = (
-            self.ts_ns.tolist(),
-            self.open.tolist(),
-            self.high.tolist(),
-            self.low.tolist(),
-            self.close.tolist(),
-            self.volume.tolist(),
+    def items(self, start: int = 0, stop: int | None = None) -> list[tuple[Bar | None, int]]:
+        """Rows ``start:stop`` (default: every row) as (bar, row index); bar is None where the
+        timestamp could not be parsed, a :class:`RefusedBar` where its file refused the row."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        start = min(max(start, 0), stop)
+        span = slice(start, stop)
+        # map() and zip() walk the columns in C: the only Python work per row is Bar's own __init__
+        out: list[tuple[Bar | None, int]] = list(
+            zip(
+                map(
+                    Bar,
+                    self.ts_ns[span].tolist(),
+                    self.open[span].tolist(),
+                    self.high[span].tolist(),
+                    self.low[span].tolist(),
+                    self.close[span].tolist(),
+                    self.volume[span].tolist(),
+                ),
+                range(start, stop),
+                strict=True,
+            )
         )
-        out: list[tuple[Bar | None, int]] = [
-            (Bar(t, o[i], h[i], lo[i], c[i], v[i]) if t >= 0 else None, i) for i, t in enumerate(ts)
-        ]
+        for i in np.flatnonzero(self.ts_ns[span] < 0).tolist():
+            out[i] = (None, start + i)
         if self.refused is not None:
-            for i in np.flatnonzero(self.refused).tolist():
-                out[i] = (self.bar(i), i)
+            for i in np.flatnonzero(self.refused[span]).tolist():
+                out[i] = (self.bar(start + i), start + i)
         return out
 
     def bar(self, i: int) -> Bar:
@@ -630,15 +640,16 @@ class ReplayFeed:
         loop between them, so signal handlers and other tasks still run; paced replay yields each
         bar when its time has come.
         """
-        items = self.recorded.items()[self.start_row :]
+        rec, first = self.recorded, self.start_row
         if self.speed <= 0:
-            for s in range(0, len(items), self.CHUNK):
-                yield Batch(BatchKind.LIVE, items[s : s + self.CHUNK])
+            # each chunk's bars are built as it is handed out, not all before the first bar
+            for s in range(first, len(rec), self.CHUNK):
+                yield Batch(BatchKind.LIVE, rec.items(s, s + self.CHUNK))
                 await asyncio.sleep(0)
             self.done = True
             return
         prev_ts: int | None = None
-        for item in items:
+        for item in rec.items(first):
             bar = item[0]
             if bar is not None and not isinstance(bar, RefusedBar):
                 if prev_ts is not None and bar.ts_ns > prev_ts:

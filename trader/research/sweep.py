@@ -60,7 +60,10 @@ DEFAULT_TRIALS = 16
 RESULT_METRICS = (*METRICS, "trading_days")
 # Sweeps replay without the LLM unless [base] (or a parameter) sets advisor.mode; with the LLM on,
 # use "recorded" answers (advisor.recorded_journal) so every trial sees the same advice.
-SWEEP_DEFAULTS: dict[str, Any] = {"advisor": {"mode": "off"}}
+# Trials journal at level "trades" unless [base] sets journal.level: the per-bar decision rows are
+# most of a trial's journal work, no metric reads them, and their writer thread would take the time
+# of the core the other worker's replay runs on.
+SWEEP_DEFAULTS: dict[str, Any] = {"advisor": {"mode": "off"}, "journal": {"level": "trades"}}
 
 
 class SweepError(TraderError):
