@@ -33,7 +33,7 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
-def _bar_time_arg(value: str) -> str:
+def bar_time_arg(value: str) -> str:
     """--from/--to: an ISO date-time (naive = data.timezone), checked here so the error names
     the argument."""
     from trader.feeds.replay import parse_bar_time
@@ -293,10 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from",
         dest="date_from",
-        type=_bar_time_arg,
+        type=bar_time_arg,
         help="first bar time, ISO (data.timezone if naive)",
     )
-    p.add_argument("--to", dest="date_to", type=_bar_time_arg, help="end bar time (exclusive), ISO")
+    p.add_argument("--to", dest="date_to", type=bar_time_arg, help="end bar time (exclusive), ISO")
     p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
     p.add_argument("--report", help="write the report as JSON here (plot next to it as .html)")
     p.add_argument(
@@ -341,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="trade on these recorded bars paced at --speed instead of the live feed (paper)",
     )
-    p.add_argument("--from", dest="date_from", type=_bar_time_arg)
-    p.add_argument("--to", dest="date_to", type=_bar_time_arg)
+    p.add_argument("--from", dest="date_from", type=bar_time_arg)
+    p.add_argument("--to", dest="date_to", type=bar_time_arg)
     p.add_argument("--journal", help="SQLite journal file (default: journal.path)")
     p.add_argument("--speed", type=_speed_arg, help="bars paced at N times real time (default: data.speed)")
     p.add_argument("--llm", choices=["off", "sync", "async", "recorded"])
@@ -401,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="write the per-bar observation with named columns")
     common(p)
     p.add_argument("--data", nargs="+")
-    p.add_argument("--from", dest="date_from", type=_bar_time_arg)
-    p.add_argument("--to", dest="date_to", type=_bar_time_arg)
+    p.add_argument("--from", dest="date_from", type=bar_time_arg)
+    p.add_argument("--to", dest="date_to", type=bar_time_arg)
     p.add_argument("--out", required=True, help=".parquet or .csv")
     p.set_defaults(func=cmd_features)
 

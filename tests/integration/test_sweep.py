@@ -357,7 +357,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                 break
             time.sleep(2)
         if not up:
-            pytest.skip(
+            pytest.fail(
                 f"ray start --head did not come up in 60 s: {(tmp / 'ray-start.log').read_text()[-500:]}"
             )
         yield {
@@ -412,7 +412,7 @@ def test_a_sweep_runs_on_a_ray_cluster_by_its_gcs_address(
 
 def test_a_sweep_runs_through_ray_client(tmp_path: Path, ray_cluster: dict[str, Any]) -> None:
     if ray_cluster["client"] is None:
-        pytest.skip("Ray Client needs grpcio (ray[client]), which is not installed")
+        pytest.fail("Ray Client needs grpcio: the research extra installs ray[client]")
     table = sweep_on_cluster(tmp_path, ray_cluster, ray_cluster["client"], "client")
     assert table.height == 4 and set(table["status"]) == {"ok"}
 

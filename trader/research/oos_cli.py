@@ -9,20 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trader.cli import bar_time_arg  # the CLI's own --from/--to check (cli builds this parser)
 from trader.errors import ConfigError
 
 # trader.research.compare.ARMS, spelt out so that building the CLI does not import the engine
 ARMS = ("rl_only", "rl_llm", "llm_only", "flat", "buy_and_hold", "ema_cross")
-
-
-def _bar_time(value: str) -> str:
-    from trader.feeds.replay import parse_bar_time
-
-    try:
-        parse_bar_time(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
 
 
 def _count(least: int) -> Callable[[str], int]:
@@ -80,8 +71,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
     )
     common(p)
     p.add_argument("--data", nargs="+", type=Path, help="CSV/Parquet/DBN files (default: data.paths)")
-    p.add_argument("--from", dest="date_from", type=_bar_time, help="use bars from this time (ISO)")
-    p.add_argument("--to", dest="date_to", type=_bar_time, help="use bars before this time (ISO)")
+    p.add_argument("--from", dest="date_from", type=bar_time_arg, help="use bars from this time (ISO)")
+    p.add_argument("--to", dest="date_to", type=bar_time_arg, help="use bars before this time (ISO)")
     p.add_argument("--train-days", type=_count(1), required=True, help="training sessions per window")
     p.add_argument("--test-days", type=_count(1), required=True, help="test sessions per window")
     p.add_argument("--step", type=_count(1), help="sessions between window starts (default: --test-days)")
@@ -114,11 +105,13 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
     p.add_argument(
         "--from",
         dest="date_from",
-        type=_bar_time,
+        type=bar_time_arg,
         help="first decided bar (ISO; the warm-up history before it is replayed, never traded; "
         "default: the first bar after the data's warm-up)",
     )
-    p.add_argument("--to", dest="date_to", type=_bar_time, help="end (exclusive, ISO; default: end of data)")
+    p.add_argument(
+        "--to", dest="date_to", type=bar_time_arg, help="end (exclusive, ISO; default: end of data)"
+    )
     p.add_argument("--policy", help="the RL arms' ONNX policy (default: policy.path)")
     p.add_argument(
         "--walk-forward",

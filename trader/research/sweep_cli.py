@@ -9,19 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trader.cli import bar_time_arg  # the CLI's own --from/--to check (cli builds this parser)
 from trader.research.space import METRICS, SEARCHES
 
 EXIT_INTERRUPTED = 130
-
-
-def _bar_time(value: str) -> str:
-    from trader.feeds.replay import parse_bar_time
-
-    try:
-        parse_bar_time(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
 
 
 def _positive_int(value: str) -> int:
@@ -57,8 +48,8 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
         "--space", type=Path, required=True, help="TOML search space (see config/sweep-example.toml)"
     )
     p.add_argument("--data", nargs="+", type=Path, help="CSV/Parquet/DBN files (default: data.paths)")
-    p.add_argument("--from", dest="date_from", type=_bar_time, help="first bar time, ISO")
-    p.add_argument("--to", dest="date_to", type=_bar_time, help="end bar time (exclusive), ISO")
+    p.add_argument("--from", dest="date_from", type=bar_time_arg, help="first bar time, ISO")
+    p.add_argument("--to", dest="date_to", type=bar_time_arg, help="end bar time (exclusive), ISO")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--address", help="Ray cluster: host:port (GCS, e.g. head:6379) or ray://host:10001 (Ray Client)"
