@@ -25,14 +25,13 @@ control         every control request (halt, resume, flatten, reload, stop): whe
 
 from __future__ import annotations
 
-import operator
 import os
 import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from itertools import chain, repeat
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,12 @@ from trader.journal.rows import Row
 log = structlog.get_logger(__name__)
 
 _INSERTS = rows.COLUMNS
-_MAX_VARIABLES = 8000  # bound parameters per statement (SQLite allows 32766 since 3.32)
+# bound parameters per statement (SQLite allows 32766 since 3.32, but statements of more rows cost
+# more to prepare than they save: measured with callgrind)
+_MAX_VARIABLES = 8000
 _URGENT = frozenset({"orders", "fills", "trades", "account", "llm_queries", "control"})
+_POINT: tuple[str, Any] = ("__point__", None)  # the commit-point marker, compared by identity
+_CONTROL = frozenset({"__discard__", "__flush__", "__sql__"})  # the writer's other markers
 
 
 class Journal:
@@ -125,11 +128,11 @@ class Journal:
         committed all together or not at all."""
         buf = self._buf
         try:
-            if buf[-1][0] == "__point__":
+            if buf[-1] is _POINT:
                 return  # nothing recorded since the last point (a bar with no rows at this level)
         except IndexError:  # empty: the writer took everything (maybe rows not yet committed)
             pass
-        buf.append(("__point__", None))
+        buf.append(_POINT)
 
     def discard_uncommitted(self, keep: tuple[str, ...] = ()) -> None:
         """Drop the rows recorded since the last commit point, but those of the ``keep`` tables
@@ -229,25 +232,30 @@ class Journal:
         # sizes: a handful of statements per table, each prepared once (the connection's statement
         # cache keeps them). Binding is most of the writer's work, so what is the same in every row
         # of a chunk goes into the statement's text instead: a column NULL throughout (binding None
-        # costs an adapter lookup) and the run id.
-        per = 1 << ((_MAX_VARIABLES // _INSERTS[table]).bit_length() - 1)
+        # costs an adapter lookup) and the run id. The chunk's values are walked as one flat list
+        # (no transposing into columns and back): every Python step here holds the GIL the bar
+        # loop needs.
+        width = _INSERTS[table]
+        per = 1 << ((self._max_variables // width).bit_length() - 1)
         s = 0
         while s < len(rows):
             size = min(per, 1 << ((len(rows) - s).bit_length() - 1))
             chunk = rows[s : s + size]
             s += size
-            columns = list(zip(*chunk, strict=True))
-            kinds = [set(map(type, c)) for c in columns]
-            if all(k <= _PLAIN for k in kinds):
-                text = tuple(
-                    _same_in_every_row(c, k, i == 0)
-                    for i, (c, k) in enumerate(zip(columns, kinds, strict=True))
-                )
-                bound = [c for c, t in zip(columns, text, strict=True) if t is None]
-                params = list(chain.from_iterable(zip(*bound, strict=True)))
+            params = list(chain.from_iterable(chunk))
+            if len(params) != size * width:
+                bad = next(r for r in chunk if len(r) != width)
+                raise JournalError(f"journal: a {table} row has {len(bad)} values, expected {width}")
+            if set(map(type, params)) <= _PLAIN:
+                text = _constant_columns(chunk[0], params, size, width)
+                w = width
+                for j in range(width - 1, -1, -1):  # from the right: the stride shrinks as we go
+                    if text[j] is not None:
+                        del params[j::w]
+                        w -= 1
             else:  # numpy scalars and the like would bind as bytes: stored as what they are
-                text = (None,) * len(columns)
-                raw = list(chain.from_iterable(chunk))
+                text = (None,) * width
+                raw = params
                 params = [_storable(v) for v in raw]
                 self.coerced += sum(type(a) is not type(b) for a, b in zip(raw, params, strict=True))
             key = (table, size, text)
@@ -269,38 +277,49 @@ class Journal:
 
     def _writer(self) -> None:
         con = self._connect()
+        # bound parameters per statement: as many as this SQLite takes, up to _MAX_VARIABLES
+        self._max_variables = min(_MAX_VARIABLES, con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
         self._sql: dict[tuple[str, int, tuple[str | None, ...]], str] = {}
-        pending: dict[str, list[tuple[Any, ...]]] = {t: [] for t in _INSERTS}
+        # rows waiting for the next transaction, per table ("__sql__": statements, run after them)
+        pending: dict[str, list[Any]] = {t: [] for t in (*_INSERTS, "__sql__")}
         staged: list[tuple[str, Any]] = []  # recorded after the last commit point
         buf = self._buf
+        popleft = buf.popleft
         try:
             while True:
                 self._wake.wait(self.flush_interval)
                 self._wake.clear()
                 stopping = self._stopping
                 flushes = []
-                statements: list[tuple[str, tuple[Any, ...]]] = []
-                while buf:
-                    item = buf.popleft()
-                    table = item[0]
-                    if table == "__point__":
-                        _release(staged, pending, statements)
-                    elif table == "__discard__":
-                        staged[:] = [r for r in staged if r[0] in item[1]]
-                    elif table == "__flush__":
-                        flushes.append(item[1])
+                ready: list[tuple[str, Any]] = []  # recorded before the last commit point
+                for item in [popleft() for _ in range(len(buf))]:
+                    if item is _POINT:
+                        if staged:
+                            ready += staged
+                            staged.clear()
+                    elif item[0] in _CONTROL:
+                        if item[0] == "__discard__":
+                            staged[:] = [r for r in staged if r[0] in item[1]]
+                        elif item[0] == "__flush__":
+                            flushes.append(item[1])
+                        else:  # "__sql__": staged like a row, run after the transaction's inserts
+                            staged.append(item)
                     else:
                         staged.append(item)
                 if flushes or stopping:  # a flush or the end commits everything recorded so far
-                    _release(staged, pending, statements)
-                if any(pending.values()) or statements:
+                    ready += staged
+                    staged.clear()
+                for table, row in ready:
+                    pending[table].append(row)
+                if ready:
                     con.execute("BEGIN")
                     for t, rows in pending.items():
-                        if rows:
+                        if rows and t != "__sql__":
                             self._insert(con, t, rows)
                             rows.clear()
-                    for sql, params in statements:
+                    for sql, params in pending["__sql__"]:
                         con.execute(sql, params)
+                    pending["__sql__"].clear()
                     con.execute("COMMIT")
                 for done in flushes:
                     done.set()
@@ -321,25 +340,23 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 # what SQLite binds as itself (bool as an integer)
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
-_NONE = {type(None)}
 
 
-def _same_in_every_row(column: tuple[Any, ...], kinds: set[type], run_id: bool) -> str | None:
-    """The SQL literal of a chunk's column whose rows all hold the same value when the statement's
-    text gives SQLite exactly what binding would: NULL, or (``run_id``: the first column) the
-    very same plain ASCII text object in every row. None: bind the values."""
-    if kinds == _NONE:
-        return "NULL"
-    v = column[0]
-    if (
-        run_id
-        and type(v) is str
-        and v.isascii()
-        and "\x00" not in v
-        and all(map(operator.is_, column, repeat(v)))
-    ):
-        return "'" + v.replace("'", "''") + "'"
-    return None
+def _constant_columns(
+    first: tuple[Any, ...], flat: list[Any], size: int, width: int
+) -> tuple[str | None, ...]:
+    """Per column of a chunk (``flat``: its rows' values one after the other, ``size`` rows of
+    ``width``), the SQL literal for a column whose rows all hold the same value when the
+    statement's text gives SQLite exactly what binding would: NULL, or in the first column (the
+    run id) the very same plain ASCII text in every row; None: bind the values."""
+    text: list[str | None] = [None] * width
+    for j, v in enumerate(first):
+        if v is None and flat[j::width].count(None) == size:
+            text[j] = "NULL"
+    v = first[0]
+    if type(v) is str and v.isascii() and "\x00" not in v and flat[0::width].count(v) == size:
+        text[0] = "'" + v.replace("'", "''") + "'"
+    return tuple(text)
 
 
 def _storable(v: Any) -> Any:
@@ -363,20 +380,6 @@ def _storable(v: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return str(v)
-
-
-def _release(
-    staged: list[tuple[str, Any]],
-    pending: dict[str, list[tuple[Any, ...]]],
-    statements: list[tuple[str, tuple[Any, ...]]],
-) -> None:
-    """Move rows recorded before a commit point into the next transaction."""
-    for table, row in staged:
-        if table == "__sql__":
-            statements.append(row)
-        else:
-            pending[table].append(row)
-    staged.clear()
 
 
 def _now() -> str:
