@@ -225,11 +225,10 @@ def cmd_features(args: argparse.Namespace) -> int:
     from trader.execution.portfolio import Portfolio
     from trader.features.observation import AccountFeatures, BulkFeatures, load_feature_blocks
     from trader.feeds.replay import load_bars
-    from trader.wiring import accepted_rows
 
     settings = _settings(args)
     rb = load_bars(settings.data, tick_size=settings.instrument.tick_size, symbol=settings.instrument.symbol)
-    ok = accepted_rows(rb)
+    ok = rb.accepted()
     cols = {k: getattr(rb, k)[ok] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
     feats = BulkFeatures(settings, cols, load_feature_blocks(settings.features.custom_blocks))
     # account columns describe a flat account at the starting balance (they depend on trading)

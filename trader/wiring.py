@@ -88,7 +88,8 @@ def build_advisor(
 
 
 def accepted_rows(rb: RecordedBars) -> np.ndarray:
-    """The rows the engine's validator will accept (same validator, same order)."""
+    """The rows the engine's validator will accept, bar by bar (same validator, same order): the
+    reference :meth:`RecordedBars.accepted` (vectorised, what runs use) is tested against."""
     v = BarValidator()
     ok = np.zeros(len(rb), dtype=bool)
     for bar, i in rb.items():
@@ -99,7 +100,10 @@ def accepted_rows(rb: RecordedBars) -> np.ndarray:
 
 def bulk_features(settings: Settings, recorded: RecordedBars) -> BulkFeatures:
     blocks = load_feature_blocks(settings.features.custom_blocks)
-    accepted = accepted_rows(recorded)
+    # the vectorised verdicts: a tenth of a second less per replay than asking the validator bar
+    # by bar; were they ever to differ from the engine's, BulkFeatures.update refuses the bar that
+    # is out of step (loudly), so no decision is made on another bar's features
+    accepted = recorded.accepted()
     cols = {k: getattr(recorded, k)[accepted] for k in ("ts_ns", "open", "high", "low", "close", "volume")}
     return BulkFeatures(settings, cols, blocks)
 

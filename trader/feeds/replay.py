@@ -126,11 +126,11 @@ class RecordedBars:
                 strict=True,
             )
         )
-        for i in np.flatnonzero(self.ts_ns[span] < 0).tolist():
-            out[i] = (None, start + i)
         if self.refused is not None:
             for i in np.flatnonzero(self.refused[span]).tolist():
                 out[i] = (self.bar(start + i), start + i)
+        for i in np.flatnonzero(self.ts_ns[span] < 0).tolist():  # unreadable time: whatever else
+            out[i] = (None, start + i)
         return out
 
     def bar(self, i: int) -> Bar:
