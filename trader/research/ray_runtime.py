@@ -15,9 +15,12 @@ exists; a driver joining by address then needs ``RAY_AUTH_MODE=token`` and the c
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -69,13 +72,44 @@ def _cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 0))
 
 
-def connect(address: str | None = None, workers: int | None = None) -> RayRuntime:
+def _import_beside(modules: Sequence[str]) -> threading.Thread | None:
+    """Import ``modules`` in a thread: ``ray.init`` spends its seconds waiting for Ray's processes
+    to start, time in which the driver's own imports (Ray Tune, Optuna, plotting: about a second
+    here) can be done. A module that fails to import here is imported again, and fails loudly,
+    where it is used."""
+    if not modules:
+        return None
+
+    def target() -> None:
+        for name in modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+    thread = threading.Thread(target=target, name="ray-driver-imports", daemon=True)
+    thread.start()
+    return thread
+
+
+def connect(
+    address: str | None = None, workers: int | None = None, preload: Sequence[str] = ()
+) -> RayRuntime:
     """Start or join Ray. ``address`` None: an embedded Ray on this machine with ``workers`` CPUs
     (default: all); ``"host:port"``: a cluster's GCS; ``"ray://host:port"``: its Ray Client
     server. ``workers`` caps runs at once (default: the cluster's CPUs). When Ray is already
-    initialised in this process it is used as is and left running (``owned`` False)."""
+    initialised in this process it is used as is and left running (``owned`` False).
+    ``preload``: modules the caller needs next, imported while Ray starts."""
     _quiet_environment()
     import ray
+
+    importing = _import_beside(preload)
+    try:
+        return _connect(ray, address, workers)
+    finally:
+        if importing is not None:
+            importing.join()
+
+
+def _connect(ray: Any, address: str | None, workers: int | None) -> RayRuntime:
 
     if workers is not None and workers < 1:
         raise RayError(f"--workers: {workers} is not a whole number >= 1")

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -678,6 +679,7 @@ def run_sweep(
             counts.best = row
     interrupted = False
     fit_s = 0.0
+    page_drawing: Future[Path] | None = None
     already = f", {skipped} already done" if skipped else ""
     print(
         f"sweep {sweep_id}: {to_run} trials to run{already} ({plan.search}) in {paths.dir}",
@@ -696,7 +698,8 @@ def run_sweep(
         )
         paths.trials.mkdir(parents=True, exist_ok=True)
         own_runtime = runtime is None
-        rt = runtime or connect(req.address, req.workers)
+        rt = runtime or connect(req.address, req.workers, preload=_driver_modules(plan.search))
+        page_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-page")
         try:
             if rt.kind != "embedded":
                 check_workers()
@@ -709,17 +712,23 @@ def run_sweep(
                 )
             fit_s = time.perf_counter() - t_fit
             interrupted = finished < to_run
+            if own_runtime and table.rows:
+                # the page is drawn while Ray shuts down (a second or more of waiting for its
+                # processes to end)
+                page_drawing = page_pool.submit(_write_page, paths, table, plan, sweep_id)
         finally:
             if own_runtime:
                 rt.close()
+            page_pool.shutdown(wait=True)
     total_ok, total_failed = _tally(table)
     page: Path | None = None
+    if page_drawing is not None:
+        page = page_drawing.result()
+    elif table.rows:
+        page = _write_page(paths, table, plan, sweep_id)
     if table.rows:
-        from trader.research.sweep_page import print_ranked, write_page
+        from trader.research.sweep_page import print_ranked
 
-        page = write_page(
-            paths.page, table.frame(), list(plan.space.params), plan.metric, plan.mode, sweep_id
-        )
         print_ranked(table.frame(), list(plan.space.params), plan.metric, plan.mode, req.top, out)
     return SweepOutcome(
         sweep_id=sweep_id,
@@ -737,6 +746,20 @@ def run_sweep(
         wall_s=time.perf_counter() - t_start,
         fit_s=fit_s,
     )
+
+
+def _write_page(paths: SweepPaths, table: ResultsTable, plan: _Plan, sweep_id: str) -> Path:
+    from trader.research.sweep_page import write_page
+
+    return write_page(paths.page, table.frame(), list(plan.space.params), plan.metric, plan.mode, sweep_id)
+
+
+def _driver_modules(search: SearchKind) -> tuple[str, ...]:
+    """What the driver imports once Ray is up (Tune, the search algorithm, the page's plotting)."""
+    modules = ["ray.tune", "ray.tune.search", "ray.tune.search.basic_variant"]
+    if search == "optuna":
+        modules += ["optuna", "ray.tune.search.optuna"]
+    return (*modules, "trader.research.sweep_page")
 
 
 def _tally(table: ResultsTable) -> tuple[int, int]:
