@@ -77,12 +77,20 @@ class Journal:
         self.coerced = 0  # values the journal could only store as text
         self._stopping = False
         con = self._connect()
-        con.executescript(rows.SCHEMA)
-        for table, column, sql in rows.MIGRATIONS:
-            if column not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
-                con.execute(sql)
-        con.commit()
-        con.close()
+        try:
+            con.executescript(rows.SCHEMA)
+            for table, column, sql in rows.MIGRATIONS:
+                if column not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
+                    con.execute(sql)
+            con.commit()
+            # bound parameters per statement: as many as this SQLite takes, up to _MAX_VARIABLES
+            self._max_variables = min(_MAX_VARIABLES, con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+        except BaseException:
+            con.close()
+            raise
+        # The writer thread's connection, opened here: on the file just checked, not on whatever
+        # is at the path when the thread gets to run (a file moved or replaced in between).
+        self._con = con
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino)
         self._thread = threading.Thread(target=self._writer, name="journal-writer", daemon=True)
@@ -276,9 +284,7 @@ class Journal:
                 log.warning("journal_values_stored_as_text", table=table, error=str(exc)[:200])
 
     def _writer(self) -> None:
-        con = self._connect()
-        # bound parameters per statement: as many as this SQLite takes, up to _MAX_VARIABLES
-        self._max_variables = min(_MAX_VARIABLES, con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+        con = self._con
         self._sql: dict[tuple[str, int, tuple[str | None, ...]], str] = {}
         # rows waiting for the next transaction, per table ("__sql__": statements, run after them)
         pending: dict[str, list[Any]] = {t: [] for t in (*_INSERTS, "__sql__")}

@@ -318,6 +318,11 @@ class _Stream:
             self.transport.abort()
 
 
+def _unsent(sub: _Stream) -> int:
+    """Bytes the stream's connection still holds for its client (0 without a transport)."""
+    return 0 if sub.transport is None else sub.transport.get_write_buffer_size()
+
+
 class DashboardHub:
     """Run observer and stream fan-out for the live dashboard (see the module docstring)."""
 
@@ -440,6 +445,15 @@ class DashboardHub:
                     await self._write(resp, b"".join(out))
             why = "server stopping"
             await self._write(resp, sse("bye", {"reason": "the service is stopping"}))
+            # A client that stopped reading leaves the bye in the write buffer, and a closing
+            # connection waits for its buffer to go out: give it the grace, then end it for good
+            # (close_streams aborts what is still here after the grace too).
+            end = time.monotonic() + CLOSE_GRACE_S
+            while _unsent(sub) and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+            if _unsent(sub):
+                why = "aborted at server stop"
+                sub.abort()
         except TimeoutError:
             why = f"took no data for {self.write_timeout_s:.0f}s"
             self.slow_disconnects += 1
