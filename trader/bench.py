@@ -334,3 +334,84 @@ def memory_main(data: Path | None = None, copies: int = 10, level: str = "full")
         )
     )
     return 0
+
+
+# -- instructions ----------------------------------------------------------------------------------
+# This VM's wall clock swings by a third between runs minutes apart (other tenants), more than most
+# hot-path changes move it. The instructions one replay executes (valgrind's callgrind, every thread)
+# do not: they compare two versions of the code to a fraction of a percent, in any weather.
+
+
+def instructions_child(data: str, level: str) -> None:
+    """One replay, run under callgrind by :func:`instructions_main`, between two marker calls that
+    the parent's callgrind options name: counting is zeroed entering ``getppid`` and dumped entering
+    ``getpgrp``, so the count is the replay's loop and its journal's last batch (the policy's
+    one-off batch check included), not the imports and set-up around them."""
+    import structlog
+
+    from trader.wiring import build_replay
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    overrides = {"data": {"paths": [data]}, "advisor": {"mode": "off"}, "journal": {"level": level}}
+    settings = load_settings(None, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_replay(settings, Path(tmp) / "instructions.sqlite")
+        os.getppid()  # callgrind: --zero-before=getppid
+        stats = asyncio.run(_run(run.engine))
+        run.journal.close()
+        os.getpgrp()  # callgrind: --dump-before=getpgrp
+    print(json.dumps({"bars": stats.bars}))
+
+
+def instructions_main(data: Path | None = None, levels: tuple[str, ...] = ("full",)) -> int:
+    """Instructions of one replay at each ``journal.level`` (callgrind, every thread together: the
+    bar loop and the journal writer), in a fresh process each with a fixed hash seed. Needs
+    valgrind (Debian: ``apt-get install valgrind``); runs ~100 times slower than the replay."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("valgrind") is None:
+        print("scripts/bench --instructions needs valgrind (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    path = Path(data or os.environ.get("TRADER_BENCH_DATA") or SHARED)
+    out: dict[str, Any] = {
+        "benchmark": "replay_instructions_llm_off (callgrind, every thread)",
+        "data": str(path),
+        "machine": f"{platform.machine()} python {platform.python_version()}",
+    }
+    for level in levels:
+        with tempfile.TemporaryDirectory() as tmp:
+            dump = Path(tmp) / "callgrind.out"
+            code = f"from trader.bench import instructions_child as c; c({str(path)!r}, {level!r})"
+            proc = subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    f"--callgrind-out-file={dump}",
+                    "--zero-before=getppid",
+                    "--dump-before=getpgrp",
+                    sys.executable,
+                    "-c",
+                    code,
+                ],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent.parent,
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+            )
+            if proc.returncode != 0:
+                print(proc.stderr[-2000:], file=sys.stderr)
+                return 1
+            bars = json.loads(proc.stdout.strip().splitlines()[-1])["bars"]
+            total = _callgrind_total(Path(f"{dump}.1"))  # the dump at the second marker
+        out[level] = {"bars": bars, "instructions_M": round(total / 1e6, 1), "per_bar": round(total / bars)}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _callgrind_total(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{path}: no instruction total in callgrind's output")
