@@ -404,8 +404,13 @@ def instructions_main(data: Path | None = None, levels: tuple[str, ...] = ("full
                 print(proc.stderr[-2000:], file=sys.stderr)
                 return 1
             bars = json.loads(proc.stdout.strip().splitlines()[-1])["bars"]
-            total = _callgrind_total(Path(f"{dump}.1"))  # the dump at the second marker
-        out[level] = {"bars": bars, "instructions_M": round(total / 1e6, 1), "per_bar": round(total / bars)}
+            marked = Path(f"{dump}.1")  # the dump at the second marker
+            if not marked.is_file():
+                print(f"callgrind wrote no dump at the replay's end marker ({marked.name})", file=sys.stderr)
+                return 1
+            total = _callgrind_total(marked)
+        per_bar = round(total / bars) if bars else None
+        out[level] = {"bars": bars, "instructions_M": round(total / 1e6, 1), "per_bar": per_bar}
     print(json.dumps(out, indent=2))
     return 0
 

@@ -58,3 +58,31 @@ def test_text_with_a_lone_surrogate_is_kept_with_a_replacement_character(tmp_pat
     got = con.execute("SELECT seq, client_id, purpose FROM fills ORDER BY seq").fetchall()
     con.close()
     assert [g[0] for g in got] == [1, 2] and got[0][1] == "c-?" and got[0][2] == "entry up ?"
+
+
+def test_rows_of_the_wrong_width_fail_the_writer_loudly_and_a_waiting_flush_gets_the_error(tmp_path):
+    """A row one value short next to one a value long adds up to two good rows; stored, each
+    value would sit in its neighbour's column. The writer refuses them, and a flush that was
+    waiting for that transaction hears why at once (not after its 60 s timeout)."""
+    import time
+
+    import pytest
+
+    from trader.errors import JournalError
+    from trader.journal.rows import Row
+
+    j = Journal(tmp_path / "j.sqlite")
+    good = rows.fill("r1", 1, Fill("c-1", 1_700_000_000 * 10**9, Side.BUY, 1, 16000.25, 2.5, "entry"))
+    j.record(Row("fills", (*good.values, "extra")))
+    j.record(Row("fills", good.values[:-1]))
+    j.commit_point()
+    t0 = time.monotonic()
+    with pytest.raises(JournalError, match="fills row has 10 values, expected 9"):
+        j.flush()
+    assert time.monotonic() - t0 < 10
+    assert "journal writer failed" in (j.health() or "")
+    with pytest.raises(JournalError):
+        j.close()
+    con = sqlite3.connect(tmp_path / "j.sqlite")
+    assert con.execute("SELECT count(*) FROM fills").fetchone() == (0,)
+    con.close()

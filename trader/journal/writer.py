@@ -85,16 +85,16 @@ class Journal:
             con.commit()
             # bound parameters per statement: as many as this SQLite takes, up to _MAX_VARIABLES
             self._max_variables = min(_MAX_VARIABLES, con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+            # The writer thread's connection, opened here: on the file just checked, not on
+            # whatever is at the path when the thread gets to run (a file moved or replaced).
+            self._con = con
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
+            self._thread = threading.Thread(target=self._writer, name="journal-writer", daemon=True)
+            self._thread.start()
         except BaseException:
             con.close()
             raise
-        # The writer thread's connection, opened here: on the file just checked, not on whatever
-        # is at the path when the thread gets to run (a file moved or replaced in between).
-        self._con = con
-        st = os.stat(self.path)
-        self._identity = (st.st_dev, st.st_ino)
-        self._thread = threading.Thread(target=self._writer, name="journal-writer", daemon=True)
-        self._thread.start()
         self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
@@ -250,10 +250,10 @@ class Journal:
             size = min(per, 1 << ((len(rows) - s).bit_length() - 1))
             chunk = rows[s : s + size]
             s += size
-            params = list(chain.from_iterable(chunk))
-            if len(params) != size * width:
-                bad = next(r for r in chunk if len(r) != width)
+            bad = next((r for r in chunk if len(r) != width), None)
+            if bad is not None:  # its values would land in the neighbouring rows' columns
                 raise JournalError(f"journal: a {table} row has {len(bad)} values, expected {width}")
+            params = list(chain.from_iterable(chunk))
             if set(map(type, params)) <= _PLAIN:
                 text = _constant_columns(chunk[0], params, size, width)
                 w = width
@@ -291,12 +291,13 @@ class Journal:
         staged: list[tuple[str, Any]] = []  # recorded after the last commit point
         buf = self._buf
         popleft = buf.popleft
+        flushes: list[threading.Event] = []  # flushes taken from the queue, set once committed
         try:
             while True:
                 self._wake.wait(self.flush_interval)
                 self._wake.clear()
                 stopping = self._stopping
-                flushes = []
+                flushes.clear()
                 ready: list[tuple[str, Any]] = []  # recorded before the last commit point
                 for item in [popleft() for _ in range(len(buf))]:
                     if item is _POINT:
@@ -333,6 +334,8 @@ class Journal:
                     break
         except BaseException as exc:  # surfaced to the engine on its next record()
             self._error = exc
+            for done in flushes:  # taken before the failure: their callers get the error now
+                done.set()
             while buf:  # release anyone waiting on a flush
                 table, row = buf.popleft()
                 if table == "__flush__":

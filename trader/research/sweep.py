@@ -717,9 +717,11 @@ def run_sweep(
                 # processes to end)
                 page_drawing = page_pool.submit(_write_page, paths, table, plan, sweep_id)
         finally:
-            if own_runtime:
-                rt.close()
-            page_pool.shutdown(wait=True)
+            try:
+                if own_runtime:
+                    rt.close()
+            finally:
+                page_pool.shutdown(wait=True)
     total_ok, total_failed = _tally(table)
     page: Path | None = None
     if page_drawing is not None:
