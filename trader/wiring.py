@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 
 from trader.config import Settings
@@ -28,7 +27,6 @@ from trader.errors import ConfigError
 from trader.execution.brokers.paper import PaperBroker
 from trader.features.clock import SessionClock
 from trader.features.observation import BulkFeatures, load_feature_blocks
-from trader.features.validation import BarValidator
 from trader.feeds.replay import RecordedBars, ReplayFeed, load_bars
 from trader.journal import Journal, reader
 from trader.policy import build_policy
@@ -85,17 +83,6 @@ def build_advisor(
         clock=clock,
         recorded=recorded,
     )
-
-
-def accepted_rows(rb: RecordedBars) -> np.ndarray:
-    """The rows the engine's validator will accept, bar by bar (same validator, same order): the
-    reference :meth:`RecordedBars.accepted` (vectorised, what runs use) is tested against."""
-    v = BarValidator()
-    ok = np.zeros(len(rb), dtype=bool)
-    for bar, i in rb.items():
-        if bar is not None:
-            ok[i] = v.check(bar) is None
-    return ok
 
 
 def bulk_features(settings: Settings, recorded: RecordedBars) -> BulkFeatures:

@@ -288,6 +288,7 @@ class Journal:
         self._sql: dict[tuple[str, int, tuple[str | None, ...]], str] = {}
         # rows waiting for the next transaction, per table ("__sql__": statements, run after them)
         pending: dict[str, list[Any]] = {t: [] for t in (*_INSERTS, "__sql__")}
+        statements = pending["__sql__"]
         staged: list[tuple[str, Any]] = []  # recorded after the last commit point
         buf = self._buf
         popleft = buf.popleft
@@ -320,13 +321,13 @@ class Journal:
                     pending[table].append(row)
                 if ready:
                     con.execute("BEGIN")
-                    for t, rows in pending.items():
-                        if rows and t != "__sql__":
+                    for t in _INSERTS:
+                        if rows := pending[t]:
                             self._insert(con, t, rows)
                             rows.clear()
-                    for sql, params in pending["__sql__"]:
+                    for sql, params in statements:
                         con.execute(sql, params)
-                    pending["__sql__"].clear()
+                    statements.clear()
                     con.execute("COMMIT")
                 for done in flushes:
                     done.set()
@@ -357,7 +358,7 @@ def _constant_columns(
     """Per column of a chunk (``flat``: its rows' values one after the other, ``size`` rows of
     ``width``), the SQL literal for a column whose rows all hold the same value when the
     statement's text gives SQLite exactly what binding would: NULL, or in the first column (the
-    run id) the very same plain ASCII text in every row; None: bind the values."""
+    run id) the same plain ASCII text in every row; None: bind the values."""
     text: list[str | None] = [None] * width
     for j, v in enumerate(first):
         if v is None and flat[j::width].count(None) == size:

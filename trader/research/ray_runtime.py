@@ -110,7 +110,6 @@ def connect(
 
 
 def _connect(ray: Any, address: str | None, workers: int | None) -> RayRuntime:
-
     if workers is not None and workers < 1:
         raise RayError(f"--workers: {workers} is not a whole number >= 1")
     if ray.is_initialized():

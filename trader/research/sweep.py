@@ -712,7 +712,7 @@ def run_sweep(
                 )
             fit_s = time.perf_counter() - t_fit
             interrupted = finished < to_run
-            if own_runtime and table.rows:
+            if table.rows:
                 # the page is drawn while Ray shuts down (a second or more of waiting for its
                 # processes to end)
                 page_drawing = page_pool.submit(_write_page, paths, table, plan, sweep_id)

@@ -43,7 +43,7 @@ from trader.features.observation import BulkFeatures, load_feature_blocks
 from trader.features.warmup import warmup_bars
 from trader.feeds.replay import RecordedBars, load_bars
 from trader.ports import Batch, JournalSink
-from trader.wiring import accepted_rows, build_training_engine
+from trader.wiring import build_training_engine
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
             tick_size=settings.instrument.tick_size,
             symbol=settings.instrument.symbol,
         )
-        accepted = accepted_rows(recorded)
+        accepted = recorded.accepted()
         self.bars = _subset(recorded, accepted)
         cols = {k: getattr(self.bars, k) for k in ("ts_ns", "open", "high", "low", "close", "volume")}
         self.blocks = load_feature_blocks(settings.features.custom_blocks)

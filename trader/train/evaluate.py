@@ -34,7 +34,7 @@ from trader.engine import Engine, RunStats
 from trader.features.clock import SessionClock
 from trader.feeds.replay import bound_ns, load_bars
 from trader.report import daily_returns, ratio
-from trader.wiring import accepted_rows, build_replay
+from trader.wiring import build_replay
 
 EMA_FAST, EMA_SLOW = 20, 50
 
@@ -77,7 +77,7 @@ def evaluate(
     rec = load_bars(
         settings.data, data_paths, tick_size=settings.instrument.tick_size, symbol=settings.instrument.symbol
     )
-    acc = accepted_rows(rec)
+    acc = rec.accepted()
     ts_all = rec.ts_ns[acc]
     lo = bound_ns(eval_from, tz)
     assert lo is not None
