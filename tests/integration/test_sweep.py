@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import io
+import json
 import os
 import secrets
 import signal
@@ -170,6 +171,14 @@ def test_an_optuna_sweep_runs_its_trials_in_the_space_and_a_rerun_adds_new_point
         assert r["risk.max_consecutive_losses"] in range(1, 6)
         assert r["execution.trail_mode"] in ("atr", "ticks")
         assert r["objective"] == r["net_pnl"]  # net P&L is always defined
+        # the point Optuna proposed is the one the trial's replay ran with (its journaled config)
+        with sqlite3.connect(r["journal"]) as db:
+            (config,) = db.execute("SELECT config_json FROM runs").fetchone()
+        ran = json.loads(config)
+        assert ran["execution"]["stop_atr_mult"] == r["execution.stop_atr_mult"]
+        assert ran["risk"]["max_consecutive_losses"] == r["risk.max_consecutive_losses"]
+        assert ran["execution"]["trail_mode"] == r["execution.trail_mode"]
+    assert table["trial_key"].n_unique() == 4  # four different points
     best = max(table.to_dicts(), key=lambda r: r["net_pnl"])
     assert first.best is not None and first.best["trial_key"] == best["trial_key"]
 

@@ -126,6 +126,11 @@ def test_random_points_repeat_with_the_seed_and_stay_in_range(tmp_path: Path) ->
         assert type(p["risk.max_consecutive_losses"]) is int
         assert p["execution.trail_mode"] in ("atr", "ticks")
     assert {p["risk.max_consecutive_losses"] for p in a} == {2, 3, 4, 5}
+    # the draws cover their ranges as their distributions say (fixed seed: no flake): the uniform
+    # reaches both ends, the log-uniform puts ~40% of its draws in [0.01, 0.05] (a uniform: ~8%)
+    atr = [p["execution.stop_atr_mult"] for p in a]
+    assert min(atr) < 1.5 and max(atr) > 2.5
+    assert sum(p["fusion.cache_decay_rate"] < 0.05 for p in a) >= 10
 
 
 def test_trial_keys_ignore_order_and_tell_values_apart() -> None:
