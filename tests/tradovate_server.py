@@ -87,6 +87,9 @@ class Faults:
     refuse_ws: set[str] = field(default_factory=set)  # "md"/"user": connections refused (503)
     chart_errors: int = 0  # next N md/getChart requests fail (s: 400)
     ws_429: dict[str, int] = field(default_factory=dict)  # ws endpoint → next N answer s: 429
+    # path → the market trades at this price just before the next such request is executed
+    # (working stops there fill first): the races of a live market, made to happen on cue
+    trade_before: dict[str, float] = field(default_factory=dict)
 
 
 class FakeTradovate:
@@ -280,6 +283,10 @@ class FakeTradovate:
         if path == "/auth/renewaccesstoken":
             self.renewals += 1
             return self._json(self._new_token(self.token_session[token]))
+        if path in f.trade_before:
+            price = f.trade_before.pop(path)
+            self.price = price
+            self._check_stops({"low": price, "high": price, "close": price})
         handler = {
             "/account/list": lambda b: [self._account()],
             "/position/list": lambda b: [self._position()],

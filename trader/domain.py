@@ -130,6 +130,10 @@ class OrderIntent:
     kind: OrderKind
     purpose: str
     stop_ticks: int = 0  # > 0: a protective stop this many ticks from the fill (bracket)
+    # the signed position (contracts) the order was planned against, at its turn in the plan (a
+    # reversal's entry: 0, after its exit). A live broker does not send an entry or add whose
+    # position changed before it could go out (a late fill, a stop): it would be a guess.
+    position_before: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -744,7 +744,9 @@ class Engine:
         side = Side.SELL if pf.position > 0 else Side.BUY
         self._flatten_seq += 1  # re-driven flattens count too: ids stay unique across restarts
         cid = f"{self.run_id[:8]}-{self.bar_index}-flat{self._flatten_seq}"
-        intent = OrderIntent(cid, side, abs(pf.position), OrderKind.MARKET, reason)
+        intent = OrderIntent(
+            cid, side, abs(pf.position), OrderKind.MARKET, reason, position_before=pf.position
+        )
         self._record(rows.order(self.run_id, intent, self.bar_index - 1, bar.ts_ns))
         self.stats.orders += 1
         await self.broker.flatten_now(intent, bar)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.child import Child
 from tests.tradovate_server import PASSWORD, SEC, FakeTradovate, shared_bars
 from trader.adapters.tradovate.protocol import ns_to_iso
 
@@ -49,9 +50,7 @@ def start(
         "--journal",
         str(journal),
     ]
-    return subprocess.Popen(
-        [*cmd, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return Child([*cmd, *extra], env=env)
 
 
 def decided(journal: Path) -> int:
@@ -67,8 +66,16 @@ def decided(journal: Path) -> int:
 
 
 def run_until(
-    proc: subprocess.Popen[str], journal: Path, bars: int, during: object = None
+    proc: subprocess.Popen[str],
+    journal: Path,
+    bars: int,
+    during: object = None,
+    market: FakeTradovate | None = None,
 ) -> tuple[str, str]:
+    """Run until ``bars`` decisions are journaled, then SIGTERM. With ``market``, the market
+    stops trading first: a protective stop left working on purpose (a position held through a
+    restart) cannot fill after the service is gone, so the broker's fills are all the service's
+    to journal."""
     end = time.monotonic() + 120
     fired = False
     while decided(journal) < bars and time.monotonic() < end and proc.poll() is None:
@@ -76,6 +83,8 @@ def run_until(
             during()  # type: ignore[operator]
             fired = True
         time.sleep(0.2)
+    if market is not None:
+        market.market_running = False
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
@@ -132,7 +141,7 @@ def test_live_mode_routes_orders_survives_drops_and_never_logs_credentials(tmp_p
             fake.faults.http_5xx["/order/placeoso"] = 1
             fake.faults.penalties["/order/placeorder"] = 1
 
-        out, err = run_until(start(cfg, journal, "live"), journal, 120, faults)
+        out, err = run_until(start(cfg, journal, "live"), journal, 120, faults, market=fake)
         con = sqlite3.connect(journal)
         orders = {r[0] for r in con.execute("SELECT client_id FROM orders")}
         fills = con.execute("SELECT client_id, side, qty, price FROM fills ORDER BY seq").fetchall()
@@ -149,6 +158,14 @@ def test_live_mode_routes_orders_survives_drops_and_never_logs_credentials(tmp_p
         broker_fills = [f for f in fake.fills]
         assert len(fills) == len(broker_fills)  # every execution reached the journal
         assert sum(s * q for _, s, q, _ in fills) == fake.net_pos
+        # a protective stop only ever closes: none fills beside an exit, or after its position
+        # has gone, to open one nobody decided
+        pos = 0
+        for f in fake.fills:
+            side = 1 if f["action"] == "Buy" else -1
+            if fake.versions[f["orderId"]]["orderType"] == "Stop":
+                assert pos * side < 0 and f["qty"] <= abs(pos), f"stop fill {f} at position {pos}"
+            pos += side * f["qty"]
         assert abs(last_pos) <= 1
         assert '"event": "md_connection_lost"' in out and '"event": "user_connection_lost"' in out
         assert '"why": "reconnect"' in out  # reconciled after the reconnect

@@ -625,6 +625,139 @@ def test_a_reversal_leaves_one_stop_on_the_new_side(fake):
     assert h.broker.rejects == 0
 
 
+def exit_(cid: str, qty: int, position_before: int) -> OrderIntent:
+    side = Side.SELL if position_before > 0 else Side.BUY
+    return OrderIntent(cid, side, qty, OrderKind.MARKET, "exit:signal", position_before=position_before)
+
+
+async def long_with_its_stop(h: Harness, cid: str, qty: int = 1) -> float:
+    """An entry that has filled, with its bracket stop working; returns the stop's price."""
+    await h.broker.submit(entry(cid, qty=qty))
+    await h.pump(lambda: h.position == qty and stop_live(h))
+    assert await h.broker.settle(5)
+    assert h.broker.working_stop is not None
+    return h.broker.working_stop
+
+
+async def quiet(h: Harness) -> None:
+    """Every queued job done and every event in: what the broker did is over."""
+    assert await h.broker.settle(10)
+    await asyncio.sleep(0.3)
+    assert await h.broker.settle(10)
+    h.drain()
+
+
+def test_the_market_through_the_stop_as_the_exit_arrives_closes_the_position_once(fake):
+    """A stop fills whatever the position: were it still working when the exit reaches the
+    market, a trade through its price would fill both and leave a short nobody decided. The
+    exit goes out only once the server has cancelled the stop."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        stop = await long_with_its_stop(h, "run00001-40-0")
+        fake.faults.trade_before["/order/placeorder"] = stop - 1.0
+        await h.broker.submit(exit_("run00001-41-0", 1, position_before=1))
+        await quiet(h)
+
+    run_harness(h, body)
+    assert fake.net_pos == 0 and h.position == 0 and h.broker.fill_position == 0
+    assert [(f.purpose, int(f.side)) for f in h.fills] == [("entry", 1), ("exit:signal", -1)]
+    assert working_stops(fake) == [] and h.broker.stops_cancelled == 1
+
+
+def test_a_stop_that_fills_before_its_cancel_makes_the_exit_unneeded(fake):
+    """The other order of the same race: the stop fills on its way to being cancelled. The exit
+    waits to hear what became of the stop, sees the position flat, and is not sent."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        stop = await long_with_its_stop(h, "run00001-42-0")
+        fake.faults.trade_before["/order/cancelorder"] = stop - 1.0
+        await h.broker.submit(exit_("run00001-43-0", 1, position_before=1))
+        await quiet(h)
+
+    run_harness(h, body)
+    assert fake.net_pos == 0 and h.position == 0
+    assert [(f.purpose, int(f.side)) for f in h.fills] == [("entry", 1), ("stop", -1)]
+    assert "run00001-43-0" not in [c.get("clOrdId") for c in fake.commands]
+    (refused,) = [e for e in h.events if isinstance(e, OrderRejected)]
+    assert refused.client_id == "run00001-43-0" and "already flat" in refused.reason
+    assert working_stops(fake) == []
+
+
+def test_an_exit_the_broker_refuses_leaves_the_position_protected_again(fake):
+    """The stop was cancelled for an exit the broker then refused: the position is still open,
+    so a stop at the same price goes back to the broker."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        stop = await long_with_its_stop(h, "run00001-44-0")
+        fake.faults.reject_orders = 1  # the exit
+        await h.broker.submit(exit_("run00001-45-0", 1, position_before=1))
+        await h.pump(lambda: any(isinstance(e, OrderRejected) for e in h.events))
+        await h.pump(lambda: len(working_stops(fake)) == 1)
+        await quiet(h)
+        assert h.broker.working_stop == stop
+
+    run_harness(h, body)
+    (again,) = working_stops(fake)
+    version = fake.versions[again["id"]]
+    assert again["action"] == "Sell" and version["orderQty"] == 1
+    assert version["stopPrice"] == h.broker.working_stop
+    assert fake.net_pos == 1 and h.position == 1 and h.broker.stops_replaced == 1
+
+
+def test_a_partial_exit_first_shrinks_the_stop_to_what_stays(fake):
+    """Closing one of two contracts: the stop is cut to one before the exit goes out, so a trade
+    through it as the exit arrives closes the rest and no more."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        stop = await long_with_its_stop(h, "run00001-46-0", qty=2)
+        fake.faults.trade_before["/order/placeorder"] = stop - 1.0
+        await h.broker.submit(exit_("run00001-47-0", 1, position_before=2))
+        await quiet(h)
+
+    run_harness(h, body)
+    assert fake.net_pos == 0 and h.position == 0
+    assert sorted((f.purpose, f.qty) for f in h.fills) == [("entry", 2), ("exit:signal", 1), ("stop", 1)]
+    (shrink,) = fake.placed("/order/modifyorder")
+    assert shrink["orderQty"] == 1
+    assert working_stops(fake) == []
+
+
+def test_an_entry_decided_on_a_position_that_has_changed_is_not_sent(fake):
+    """The engine decided flat while a fill was on its way; by the time the order could go out the
+    position is long. A short "entry" now would only close the long, and its bracket stop would
+    then open a position: it is refused, and the engine decides again on the next bar."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await long_with_its_stop(h, "run00001-48-0")
+        late = OrderIntent("run00001-49-0", Side.SELL, 1, OrderKind.MARKET, "entry", 40, position_before=0)
+        await h.broker.submit(late)
+        await quiet(h)
+
+    run_harness(h, body)
+    assert "run00001-49-0" not in [c.get("clOrdId") for c in fake.commands]
+    (refused,) = [e for e in h.events if isinstance(e, OrderRejected)]
+    assert refused.client_id == "run00001-49-0" and "position is 1" in refused.reason
+    assert fake.net_pos == 1 and len(working_stops(fake)) == 1
+
+
+def test_stopping_right_after_an_exit_leaves_no_stop_of_ours_working(fake):
+    """The service stops with the exit just queued: when the broker has stopped, nothing of ours
+    is left working that could open a position while nobody is watching."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await long_with_its_stop(h, "run00001-50-0")
+        await h.broker.submit(exit_("run00001-51-0", 1, position_before=1))
+
+    run_harness(h, body)
+    assert fake.net_pos == 0 and working_stops(fake) == []
+
+
 def test_a_refused_stop_move_is_not_sent_again_and_the_old_stop_stays_known(fake):
     """A stop moved through the market is refused (InvalidPrice): the broker reports it once,
     keeps the stop that is really working, and does not resend the same move in a loop."""

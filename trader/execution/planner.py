@@ -72,6 +72,7 @@ class ExecutionPlanner:
                         abs(pos),
                         OrderKind.MARKET,
                         f"flatten:{v.flatten_reason}",
+                        position_before=pos,
                     ),
                 )
             )
@@ -82,7 +83,11 @@ class ExecutionPlanner:
             opposite = pos != 0 and (pos > 0) != (side > 0)
             orders = []
             if opposite:
-                orders.append(OrderIntent(self._cid(bar_index, 0), side, abs(pos), OrderKind.MARKET, "exit"))
+                orders.append(
+                    OrderIntent(
+                        self._cid(bar_index, 0), side, abs(pos), OrderKind.MARKET, "exit", position_before=pos
+                    )
+                )
                 if not self.reverse or v.reduce_only:
                     return Plan(orders=tuple(orders))
             # an add keeps the position's existing stop; a new position gets its own bracket stop
@@ -98,6 +103,7 @@ class ExecutionPlanner:
                     OrderKind.MARKET,
                     "reverse" if opposite else ("add" if adding else "entry"),
                     stop_ticks,
+                    position_before=pos if adding else 0,
                 )
             )
             return Plan(orders=tuple(orders))

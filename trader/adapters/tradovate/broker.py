@@ -14,8 +14,12 @@ Orders (Tradovate OpenAPI spec 2026-08; partner docs "best practices")
     ``stop_ticks`` from the decision bar's close; an add to a position sends no second stop
     (the one stop's quantity is modified instead);
   * MOVE_TO_BE and trailing modify that stop (``order/modifyorder``); ``None`` cancels it;
-  * exits are market orders sized to the broker's position; flatten is ``order/liquidateposition``
-    (cancels the contract's working orders and closes the position), its result checked;
+  * exits are market orders sized to the broker's position, sent only once the server has
+    confirmed that no stop of ours can fill beside them (cancelled when the exit closes all,
+    shrunk to what stays when it closes part); flatten is ``order/liquidateposition`` (cancels
+    the contract's working orders and closes the position), its result checked;
+  * an entry, add or reversal carries the position it was decided on; one that finds the
+    position changed when it can go out (a fill that was on its way, a stop) is not sent;
   * every order carries ``isAutomated: true`` ("MUST include isAutomated: true for all automated
     orders"; the bracket object has no such field) and an explicit ``timeInForce``: the server's
     default is not documented and Tradovate's own C# sample always sets it; protective stops use
@@ -32,7 +36,9 @@ One protective stop
   makes the broker hold exactly what the position needs: flat = no stop of ours; otherwise one
   stop on the closing side, for the position's size, at the engine's price; any other stop of
   ours (the bracket of a closed or reversed position, one left from before a restart) is
-  cancelled, and an expired or missing stop is placed again.
+  cancelled, and an expired or missing stop is placed again. The sync waits for a market order
+  on its way (it sets the stops for the position that order leaves), and the broker's stop runs
+  it once more, so a flat position never leaves a stop of ours working unwatched.
 
 Retries
   * a penalty ticket: wait and resend with the ticket; HTTP 423: wait ``warning_backoff_s``;
@@ -300,6 +306,13 @@ class TradovateBroker:
             log.warning(
                 "broker_stopped_with_orders_in_flight", orders=[o.client_id for o in self.in_flight()]
             )
+        # the fills just waited for queue a stop sync: a flat position must not leave a stop of
+        # ours working at the broker while nobody watches it (it would open a position)
+        if not await self.settle(2 * self.cfg.request_timeout_s):
+            log.error("broker_jobs_unfinished_at_stop", queued=self._jobs.qsize())
+        left = [o.order_id for o in self.book.working() if o.purpose == "stop"]
+        if self.fill_position == 0 and left:
+            log.error("stopped_with_a_stop_and_no_position", stops=left)
         for name in ("_worker", "_watcher", "_supervisor"):
             task = getattr(self, name)
             if task is not None:
@@ -461,12 +474,30 @@ class TradovateBroker:
         sgn = int(intent.side)
         if intent.purpose.startswith("exit"):
             # exits close what the broker holds now, never more (a stop may have closed it already)
-            held = self.fill_position
-            qty = min(qty, abs(held)) if held * sgn < 0 else 0
+            qty = self._exit_qty(intent)
+            if qty and not await self._stops_out_of_the_way(cid, qty):
+                return
+            qty = self._exit_qty(intent)  # the stop may have filled before its cancel
             if qty == 0:
                 log.info("exit_skipped_flat", client_id=cid)
                 self._refused(cid, "not sent: the broker's position is already flat")
+                self._want_sync()
                 return
+        elif intent.position_before is not None and self.fill_position != intent.position_before:
+            # decided on a position that has changed since (a fill that was on its way, a stop):
+            # this order would be a guess; the engine decides again on the next bar
+            log.warning(
+                "order_skipped_position_changed",
+                client_id=cid,
+                decided_at=intent.position_before,
+                position=self.fill_position,
+            )
+            self._refused(
+                cid,
+                f"not sent: the position is {self.fill_position}, "
+                f"the decision was made at {intent.position_before}",
+            )
+            return
         body: dict[str, Any] = {
             "accountSpec": self.account_spec,
             "accountId": self.account_id,
@@ -505,6 +536,74 @@ class TradovateBroker:
             self._stop_target = stop_price
         self.book.add(TrackedOrder(int(result["orderId"]), cid, intent.purpose, intent.side, qty))
         self._flush_early_fills()
+
+    def _exit_qty(self, intent: OrderIntent) -> int:
+        held = self.fill_position
+        return min(intent.qty, abs(held)) if held * int(intent.side) < 0 else 0
+
+    async def _stops_out_of_the_way(self, cid: str, qty: int) -> bool:
+        """Before a market exit of ``qty``: no stop of ours may be able to fill beside it (a stop
+        fills whatever the position, so stop + exit reverses it). Closing all, our stops are
+        cancelled; closing part, a stop larger than what stays is shrunk to it. Either way the
+        exit waits until the server has confirmed each (a stop that filled first makes the exit
+        smaller, or unneeded). False when a stop's fate stays unknown: the exit is not sent, the
+        stop keeps protecting the position, and a problem halts entries until a reconcile."""
+        stays = abs(self.fill_position) - qty
+        waiting: list[TrackedOrder] = []
+        # every stop of ours not over yet, a bracket whose "Working" has not arrived included
+        # (its entry has filled: nothing is in flight by now)
+        for o in [o for o in self.book.working() if o.purpose == "stop"]:
+            if self._stop_target is None and o.price is not None:
+                self._stop_target = o.price  # placed again at its price if the exit fails
+            if stays == 0:
+                await self._cancel(o, "exit")
+                self.stops_cancelled += 1
+                waiting.append(o)
+            elif o.qty > stays:
+                body = {
+                    "orderId": o.order_id,
+                    "orderQty": stays,
+                    "orderType": "Stop",
+                    "stopPrice": o.price,
+                    "timeInForce": self.cfg.stop_time_in_force,
+                    "isAutomated": True,
+                }
+                if await self._safe("/order/modifyorder", body, False) == "ok":
+                    o.qty = stays
+                else:
+                    waiting.append(o)  # filled or gone meanwhile: wait to hear which
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while any(not self._settled(o) for o in waiting) and self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for o in waiting:
+            if not self._settled(o):
+                await self._ask_status(o)
+        unknown = [o for o in waiting if not self._settled(o)]
+        if unknown:
+            ids = [o.order_id for o in unknown]
+            log.error("exit_held_stop_not_confirmed_gone", client_id=cid, stops=ids)
+            self._refused(cid, f"not sent: protective stop(s) {ids} not confirmed cancelled")
+            self._problem(f"exit {cid}: stop(s) {ids} could not be confirmed cancelled; exit not sent")
+            return False
+        if stays == 0:
+            self.stop_order_id = None
+        return True
+
+    @staticmethod
+    def _settled(o: TrackedOrder) -> bool:
+        """The order is over and, if it filled, its fills have been applied."""
+        return o.status in TERMINAL and (o.status != "Filled" or o.filled >= o.qty)
+
+    async def _ask_status(self, o: TrackedOrder) -> None:
+        """The user socket did not tell in time: ask for the order (``order/item``). A fill it
+        reports is not guessed at here: that stays unsettled and the reconcile applies it."""
+        try:
+            item = await self.rest.get("/order/item", {"id": o.order_id})
+        except TradovateError as exc:
+            log.warning("order_item_failed", order_id=o.order_id, error=str(exc))
+            return
+        if isinstance(item, dict) and item.get("ordStatus"):
+            self.book.transition(o.order_id, str(item["ordStatus"]))
 
     async def _sending_new(self, path: str, body: dict[str, Any], bar: int | None) -> dict[str, Any] | None:
         """:meth:`_place_new` with the fills that arrive before its answer held for it."""
@@ -712,6 +811,14 @@ class TradovateBroker:
         if self._limited():
             self._resync = True  # redone when the limit has passed
             return
+        # a market order on its way changes the position: set the stops for the one it leaves
+        # (its fill or its end queues another sync; waited for briefly, as an order is)
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while self.in_flight() and self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.in_flight():
+            log.info("sync_stops_deferred", waiting_for=[o.client_id for o in self.in_flight()])
+            return
         pos = self.fill_position
         closing = Side.SELL if pos > 0 else Side.BUY
         keep = self._live_stop() if pos else None
@@ -868,8 +975,8 @@ class TradovateBroker:
                 and int(entity.get("contractId", self.contract_id)) == self.contract_id
             ):
                 o = self.book.transition(int(entity["id"]), str(entity["ordStatus"]))
-                if o is not None and o.purpose == "stop" and o.status in TERMINAL:
-                    self._want_sync()  # a stop filled, was cancelled or expired
+                if o is not None and o.status in TERMINAL:
+                    self._want_sync()  # a stop filled, was cancelled or expired; an order ended
                 elif o is not None and o.purpose == "stop" and o.status == "Working":
                     self._want_sync()  # a bracket went live: the old stop, if any, goes
             elif kind == "fill":
