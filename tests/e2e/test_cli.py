@@ -11,6 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
+from tests.child import Child
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -108,14 +110,7 @@ def test_ctrl_c_stops_after_the_current_bar_and_flushes_the_journal(tmp_path):
     import time
 
     e = {k: v for k, v in os.environ.items() if not k.startswith("TRADER_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trader", "replay", "--speed", "3000"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=e,
-    )
+    proc = Child([sys.executable, "-m", "trader", "replay", "--speed", "3000"], cwd=tmp_path, env=e)
     db = tmp_path / "runs" / "journal.sqlite"
     deadline = time.monotonic() + 60
     seen = 0

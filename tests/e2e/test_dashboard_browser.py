@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import launch, needs_chromium
+from tests.child import Child
 from tests.conftest import NQ
 from tests.llm_server import free_port
 
@@ -69,13 +70,11 @@ speed = 600.0
     if token is not None:
         env["TRADER_CONTROL_TOKEN"] = token
     journal = tmp_path / "j.sqlite"
-    proc = subprocess.Popen(
+    proc = Child(
         [sys.executable, "-m", "trader", "run", "--config", str(cfg), "--journal", str(journal)],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

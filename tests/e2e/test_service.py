@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.child import Child
 from tests.llm_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ speed = 3000.0
         TRADER_CONTROL_TOKEN=TOKEN,
         TRADER_LOGGING__FORMAT="json",
     )
-    proc = subprocess.Popen(
+    proc = Child(
         [
             sys.executable,
             "-m",
@@ -102,9 +103,7 @@ speed = 3000.0
         ],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         ready = notify.wait_for("READY", 60)
