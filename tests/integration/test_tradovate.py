@@ -375,7 +375,7 @@ def test_an_order_while_another_is_in_flight_is_not_sent(fake):
     async def body(h: Harness) -> None:
         await h.broker.submit(entry("run00001-6-0"))
         await h.pump(lambda: h.position == 1)
-        assert await h.broker.settle(5)
+        await quiet(h)  # every event in: none can end what is faked next
         # as if its fill had not arrived yet: a second entry now could double the position
         first = h.broker.book.orders[h.broker.book.by_client["run00001-6-0"]]
         first.filled, first.status = 0, "Working"
@@ -512,7 +512,8 @@ def test_success_results_are_accepted_in_both_shapes_and_stop_updates_keep_one_s
 
     run_harness(h, body)
     assert h.broker.rejects == 0 and not [e for e in h.events if isinstance(e, OrderRejected)]
-    assert len(fake.placed("/order/placeorder")) == 3  # the three exits: no standalone stops
+    assert fake.placed("/order/placeorder") == []  # no standalone stops
+    assert len(fake.placed("/order/liquidateposition")) == 3  # the three exits
     assert len(fake.placed("/order/modifyorder")) == 9
     assert working_stops(fake) == []
 
@@ -580,9 +581,9 @@ def test_the_protective_stop_outlives_the_session_close(fake, tif):
     assert h.broker.stops_replaced == (1 if tif == "Day" else 0)
 
 
-def test_an_exit_cancels_the_bracket_stop_so_it_cannot_open_a_position_later(fake):
-    """A working stop fills whatever the position: the bracket left after a market exit is
-    cancelled, so a later touch of its price opens nothing, and the next entry has one stop."""
+def test_an_exit_takes_the_bracket_stop_with_it_so_it_cannot_open_a_position_later(fake):
+    """A working stop fills whatever the position: the exit's liquidation cancels the bracket at
+    the server, so a later touch of its price opens nothing, and the next entry has one stop."""
     h = Harness(fake)
 
     async def body(h: Harness) -> None:
@@ -602,7 +603,7 @@ def test_an_exit_cancels_the_bracket_stop_so_it_cannot_open_a_position_later(fak
         assert len(working_stops(fake)) == 1
 
     run_harness(h, body)
-    assert h.broker.stops_cancelled == 1 and fake.net_pos == 1
+    assert h.broker.stops_cancelled == 0 and fake.net_pos == 1  # none left for the broker to cancel
 
 
 def test_a_reversal_leaves_one_stop_on_the_new_side(fake):
@@ -648,82 +649,78 @@ async def quiet(h: Harness) -> None:
 
 
 def test_the_market_through_the_stop_as_the_exit_arrives_closes_the_position_once(fake):
-    """A stop fills whatever the position: were it still working when the exit reaches the
-    market, a trade through its price would fill both and leave a short nobody decided. The
-    exit goes out only once the server has cancelled the stop."""
+    """A stop fills whatever the position: were it still working beside a market exit, a trade
+    through its price would fill both and leave a short nobody decided. The exit is one
+    liquidation (the server cancels the contract's working orders and closes the position), so
+    whichever comes first closes the long and nothing more."""
     h = Harness(fake)
 
     async def body(h: Harness) -> None:
         stop = await long_with_its_stop(h, "run00001-40-0")
-        fake.faults.trade_before["/order/placeorder"] = stop - 1.0
+        fake.faults.trade_before["/order/liquidateposition"] = stop - 1.0
         await h.broker.submit(exit_("run00001-41-0", 1, position_before=1))
         await quiet(h)
 
     run_harness(h, body)
     assert fake.net_pos == 0 and h.position == 0 and h.broker.fill_position == 0
-    assert [(f.purpose, int(f.side)) for f in h.fills] == [("entry", 1), ("exit:signal", -1)]
-    assert working_stops(fake) == [] and h.broker.stops_cancelled == 1
+    assert [(f.purpose, int(f.side)) for f in h.fills] == [("entry", 1), ("stop", -1)]
+    assert working_stops(fake) == [] and not fake.placed("/order/placeorder")
 
 
-def test_a_stop_that_fills_before_its_cancel_makes_the_exit_unneeded(fake):
-    """The other order of the same race: the stop fills on its way to being cancelled. The exit
-    waits to hear what became of the stop, sees the position flat, and is not sent."""
+def test_an_exit_is_one_liquidation_that_takes_the_stop_with_it(fake):
     h = Harness(fake)
 
     async def body(h: Harness) -> None:
-        stop = await long_with_its_stop(h, "run00001-42-0")
-        fake.faults.trade_before["/order/cancelorder"] = stop - 1.0
+        await long_with_its_stop(h, "run00001-42-0")
         await h.broker.submit(exit_("run00001-43-0", 1, position_before=1))
         await quiet(h)
 
     run_harness(h, body)
     assert fake.net_pos == 0 and h.position == 0
-    assert [(f.purpose, int(f.side)) for f in h.fills] == [("entry", 1), ("stop", -1)]
-    assert "run00001-43-0" not in [c.get("clOrdId") for c in fake.commands]
-    (refused,) = [e for e in h.events if isinstance(e, OrderRejected)]
-    assert refused.client_id == "run00001-43-0" and "already flat" in refused.reason
-    assert working_stops(fake) == []
+    assert [(f.purpose, f.client_id) for f in h.fills][1] == ("exit:signal", "run00001-43-0")
+    (liquidation,) = fake.placed("/order/liquidateposition")
+    assert liquidation["isAutomated"] is True and liquidation["contractId"] == 3001
+    assert working_stops(fake) == [] and not fake.placed("/order/cancelorder")
 
 
-def test_an_exit_the_broker_refuses_leaves_the_position_protected_again(fake):
-    """The stop was cancelled for an exit the broker then refused: the position is still open,
-    so a stop at the same price goes back to the broker."""
-    h = Harness(fake)
+@pytest.mark.parametrize("fault", ["refused", "locked_out"])
+def test_an_exit_that_cannot_go_out_leaves_the_position_with_its_stop(fake, fault):
+    """Refused (trading locked) or rate limited (an hour's lockout on the real servers): nothing
+    was cancelled before, so the position keeps the very stop it had."""
+    h = Harness(fake, lockout_s=1.0)
 
     async def body(h: Harness) -> None:
-        stop = await long_with_its_stop(h, "run00001-44-0")
-        fake.faults.reject_orders = 1  # the exit
+        await long_with_its_stop(h, "run00001-44-0")
+        (before,) = working_stops(fake)
+        if fault == "refused":
+            fake.faults.reject_orders = 1
+        else:
+            fake.faults.http_429["/order/liquidateposition"] = 1
         await h.broker.submit(exit_("run00001-45-0", 1, position_before=1))
         await h.pump(lambda: any(isinstance(e, OrderRejected) for e in h.events))
-        await h.pump(lambda: len(working_stops(fake)) == 1)
+        assert working_stops(fake) == [before] and fake.net_pos == 1
         await quiet(h)
-        assert h.broker.working_stop == stop
 
     run_harness(h, body)
-    (again,) = working_stops(fake)
-    version = fake.versions[again["id"]]
-    assert again["action"] == "Sell" and version["orderQty"] == 1
-    assert version["stopPrice"] == h.broker.working_stop
-    assert fake.net_pos == 1 and h.position == 1 and h.broker.stops_replaced == 1
+    (stop,) = working_stops(fake)
+    assert stop["action"] == "Sell" and fake.net_pos == 1 and h.position == 1
+    assert h.broker.stops_replaced == 0 and not fake.placed("/order/cancelorder")
+    (refused,) = [e for e in h.events if isinstance(e, OrderRejected)]
+    assert refused.client_id == "run00001-45-0" and "liquidation" in refused.reason
 
 
-def test_a_partial_exit_first_shrinks_the_stop_to_what_stays(fake):
-    """Closing one of two contracts: the stop is cut to one before the exit goes out, so a trade
-    through it as the exit arrives closes the rest and no more."""
+def test_an_exit_closes_all_the_broker_holds_when_a_late_fill_made_it_more(fake):
+    """The engine decided to exit one contract; a fill it had not seen yet made it two. The exit
+    closes the position, not one contract of it beside a stop for two."""
     h = Harness(fake)
 
     async def body(h: Harness) -> None:
-        stop = await long_with_its_stop(h, "run00001-46-0", qty=2)
-        fake.faults.trade_before["/order/placeorder"] = stop - 1.0
-        await h.broker.submit(exit_("run00001-47-0", 1, position_before=2))
+        await long_with_its_stop(h, "run00001-46-0", qty=2)
+        await h.broker.submit(exit_("run00001-47-0", 1, position_before=1))
         await quiet(h)
 
     run_harness(h, body)
-    assert fake.net_pos == 0 and h.position == 0
-    assert sorted((f.purpose, f.qty) for f in h.fills) == [("entry", 2), ("exit:signal", 1), ("stop", 1)]
-    (shrink,) = fake.placed("/order/modifyorder")
-    assert shrink["orderQty"] == 1
-    assert working_stops(fake) == []
+    assert fake.net_pos == 0 and h.position == 0 and working_stops(fake) == []
 
 
 def test_an_entry_decided_on_a_position_that_has_changed_is_not_sent(fake):
@@ -753,6 +750,35 @@ def test_stopping_right_after_an_exit_leaves_no_stop_of_ours_working(fake):
     async def body(h: Harness) -> None:
         await long_with_its_stop(h, "run00001-50-0")
         await h.broker.submit(exit_("run00001-51-0", 1, position_before=1))
+
+    run_harness(h, body)
+    assert fake.net_pos == 0 and working_stops(fake) == []
+
+
+def test_a_position_closed_elsewhere_just_before_the_stop_leaves_no_stop_of_ours(fake):
+    """Someone closes the position from another app as the service stops: the fill's stop sync
+    still runs before the broker stops, so our stop does not stay behind to open a position
+    while nobody watches."""
+    h = Harness(fake)
+
+    async def body(h: Harness) -> None:
+        await long_with_its_stop(h, "run00001-52-0")
+
+        def close_elsewhere() -> None:
+            order = {
+                "accountId": 1001,
+                "action": "Sell",
+                "symbol": SYMBOL,
+                "orderQty": 1,
+                "orderType": "Market",
+                "isAutomated": True,
+            }
+            o = fake._new_order(order)
+            fake._status(o, "Working")
+            fake._fill_market(o)
+
+        fake.call(close_elsewhere)
+        await h.pump(lambda: h.broker.fill_position == 0)  # then the broker stops at once
 
     run_harness(h, body)
     assert fake.net_pos == 0 and working_stops(fake) == []

@@ -40,11 +40,8 @@ def test_an_entry_without_a_stop_is_a_plain_order_and_no_stop_is_ever_placed(fak
 
     run_harness(h, body)
     assert fake.placed("/order/placeoso") == []
-    assert [b["clOrdId"] for b in fake.placed("/order/placeorder")] == [
-        "run00001-5-0",
-        "run00001-6-0",
-        "run00001-6-1",
-    ]
+    assert [b["clOrdId"] for b in fake.placed("/order/placeorder")] == ["run00001-5-0", "run00001-6-1"]
+    assert len(fake.placed("/order/liquidateposition")) == 1  # the exit
     assert h.broker.stops_replaced == 0 and h.broker.rejects == 0 and fake.net_pos == -1
 
 

@@ -14,10 +14,11 @@ Orders (Tradovate OpenAPI spec 2026-08; partner docs "best practices")
     ``stop_ticks`` from the decision bar's close; an add to a position sends no second stop
     (the one stop's quantity is modified instead);
   * MOVE_TO_BE and trailing modify that stop (``order/modifyorder``); ``None`` cancels it;
-  * exits are market orders sized to the broker's position, sent only once the server has
-    confirmed that no stop of ours can fill beside them (cancelled when the exit closes all,
-    shrunk to what stays when it closes part); flatten is ``order/liquidateposition`` (cancels
-    the contract's working orders and closes the position), its result checked;
+  * exits and flatten are ``order/liquidateposition``: one request that cancels the contract's
+    working orders (our stop among them) and closes the position, its result checked. A market
+    exit beside a working stop could fill both; a stop cancelled first would leave the position
+    bare if the exit were then refused or rate limited. So a trader's own orders on this contract
+    are cancelled too: the account's contract is the daemon's (see reconciliation);
   * an entry, add or reversal carries the position it was decided on; one that finds the
     position changed when it can go out (a fill that was on its way, a stop) is not sent;
   * every order carries ``isAutomated: true`` ("MUST include isAutomated: true for all automated
@@ -473,17 +474,20 @@ class TradovateBroker:
         qty = intent.qty
         sgn = int(intent.side)
         if intent.purpose.startswith("exit"):
-            # exits close what the broker holds now, never more (a stop may have closed it already)
-            qty = self._exit_qty(intent)
-            if qty and not await self._stops_out_of_the_way(cid, qty):
-                return
-            qty = self._exit_qty(intent)  # the stop may have filled before its cancel
-            if qty == 0:
+            # An exit closes the position the broker holds (a stop may have closed it already),
+            # and the contract's working orders, our stop among them, go in the same request
+            # (order/liquidateposition). A market exit beside a working stop can fill both, a stop
+            # filling whatever the position; cancelling the stop first would leave the position
+            # bare whenever the exit is then refused or rate limited (an hour's lockout).
+            held = self.fill_position
+            if held * sgn >= 0:
                 log.info("exit_skipped_flat", client_id=cid)
                 self._refused(cid, "not sent: the broker's position is already flat")
                 self._want_sync()
                 return
-        elif intent.position_before is not None and self.fill_position != intent.position_before:
+            await self._liquidate(intent)
+            return
+        if intent.position_before is not None and self.fill_position != intent.position_before:
             # decided on a position that has changed since (a fill that was on its way, a stop):
             # this order would be a guess; the engine decides again on the next bar
             log.warning(
@@ -536,74 +540,6 @@ class TradovateBroker:
             self._stop_target = stop_price
         self.book.add(TrackedOrder(int(result["orderId"]), cid, intent.purpose, intent.side, qty))
         self._flush_early_fills()
-
-    def _exit_qty(self, intent: OrderIntent) -> int:
-        held = self.fill_position
-        return min(intent.qty, abs(held)) if held * int(intent.side) < 0 else 0
-
-    async def _stops_out_of_the_way(self, cid: str, qty: int) -> bool:
-        """Before a market exit of ``qty``: no stop of ours may be able to fill beside it (a stop
-        fills whatever the position, so stop + exit reverses it). Closing all, our stops are
-        cancelled; closing part, a stop larger than what stays is shrunk to it. Either way the
-        exit waits until the server has confirmed each (a stop that filled first makes the exit
-        smaller, or unneeded). False when a stop's fate stays unknown: the exit is not sent, the
-        stop keeps protecting the position, and a problem halts entries until a reconcile."""
-        stays = abs(self.fill_position) - qty
-        waiting: list[TrackedOrder] = []
-        # every stop of ours not over yet, a bracket whose "Working" has not arrived included
-        # (its entry has filled: nothing is in flight by now)
-        for o in [o for o in self.book.working() if o.purpose == "stop"]:
-            if self._stop_target is None and o.price is not None:
-                self._stop_target = o.price  # placed again at its price if the exit fails
-            if stays == 0:
-                await self._cancel(o, "exit")
-                self.stops_cancelled += 1
-                waiting.append(o)
-            elif o.qty > stays:
-                body = {
-                    "orderId": o.order_id,
-                    "orderQty": stays,
-                    "orderType": "Stop",
-                    "stopPrice": o.price,
-                    "timeInForce": self.cfg.stop_time_in_force,
-                    "isAutomated": True,
-                }
-                if await self._safe("/order/modifyorder", body, False) == "ok":
-                    o.qty = stays
-                else:
-                    waiting.append(o)  # filled or gone meanwhile: wait to hear which
-        deadline = time.monotonic() + self.cfg.request_timeout_s
-        while any(not self._settled(o) for o in waiting) and self.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for o in waiting:
-            if not self._settled(o):
-                await self._ask_status(o)
-        unknown = [o for o in waiting if not self._settled(o)]
-        if unknown:
-            ids = [o.order_id for o in unknown]
-            log.error("exit_held_stop_not_confirmed_gone", client_id=cid, stops=ids)
-            self._refused(cid, f"not sent: protective stop(s) {ids} not confirmed cancelled")
-            self._problem(f"exit {cid}: stop(s) {ids} could not be confirmed cancelled; exit not sent")
-            return False
-        if stays == 0:
-            self.stop_order_id = None
-        return True
-
-    @staticmethod
-    def _settled(o: TrackedOrder) -> bool:
-        """The order is over and, if it filled, its fills have been applied."""
-        return o.status in TERMINAL and (o.status != "Filled" or o.filled >= o.qty)
-
-    async def _ask_status(self, o: TrackedOrder) -> None:
-        """The user socket did not tell in time: ask for the order (``order/item``). A fill it
-        reports is not guessed at here: that stays unsettled and the reconcile applies it."""
-        try:
-            item = await self.rest.get("/order/item", {"id": o.order_id})
-        except TradovateError as exc:
-            log.warning("order_item_failed", order_id=o.order_id, error=str(exc))
-            return
-        if isinstance(item, dict) and item.get("ordStatus"):
-            self.book.transition(o.order_id, str(item["ordStatus"]))
 
     async def _sending_new(self, path: str, body: dict[str, Any], bar: int | None) -> dict[str, Any] | None:
         """:meth:`_place_new` with the fills that arrive before its answer held for it."""
@@ -750,7 +686,7 @@ class TradovateBroker:
             r = await self.rest.retrying(lambda: self.rest.post("/order/liquidateposition", body), safe=True)
         except TradovateError as exc:
             self._refused(intent.client_id, f"liquidation not sent: {exc}")
-            self._problem(f"flatten {intent.client_id} could not be sent: {exc}")
+            self._problem(f"{intent.purpose} {intent.client_id} could not be sent: {exc}")
             if isinstance(exc, RateLimited):
                 self._resync = True
             return
@@ -758,7 +694,7 @@ class TradovateBroker:
             self._sending = False
         if not accepted(r):
             self._refused(intent.client_id, f"liquidation refused: {refusal(r)}")
-            self._problem(f"flatten {intent.client_id} refused by the broker: {refusal(r)}")
+            self._problem(f"{intent.purpose} {intent.client_id} refused by the broker: {refusal(r)}")
             self._flush_early_fills()
             return
         oid = r.get("orderId")
@@ -767,7 +703,9 @@ class TradovateBroker:
                 TrackedOrder(int(oid), intent.client_id, intent.purpose, intent.side, abs(self.fill_position))
             )
         self._flush_early_fills()
-        log.warning("position_liquidated", client_id=intent.client_id, reason=intent.purpose, order_id=oid)
+        (log.warning if intent.purpose.startswith("flatten") else log.info)(
+            "position_liquidated", client_id=intent.client_id, reason=intent.purpose, order_id=oid
+        )
 
     async def set_stop(self, stop_price: float | None) -> None:
         """Queue: move the protective stop to ``stop_price`` (None: cancel it)."""
