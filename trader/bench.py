@@ -365,8 +365,9 @@ def instructions_child(data: str, level: str) -> None:
 
 def instructions_main(data: Path | None = None, levels: tuple[str, ...] = ("full",)) -> int:
     """Instructions of one replay at each ``journal.level`` (callgrind, every thread together: the
-    bar loop and the journal writer), in a fresh process each with a fixed hash seed. Needs
-    valgrind (Debian: ``apt-get install valgrind``); runs ~100 times slower than the replay."""
+    bar loop and the journal writer thread; and the journal's writer process, its whole life, start
+    included), in a fresh process each with a fixed hash seed. Needs valgrind (Debian: ``apt-get
+    install valgrind``); runs ~100 times slower than the replay."""
     import shutil
     import subprocess
     import sys
@@ -382,37 +383,57 @@ def instructions_main(data: Path | None = None, levels: tuple[str, ...] = ("full
     }
     for level in levels:
         with tempfile.TemporaryDirectory() as tmp:
-            dump = Path(tmp) / "callgrind.out"
             code = f"from trader.bench import instructions_child as c; c({str(path)!r}, {level!r})"
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 [
                     "valgrind",
                     "--tool=callgrind",
-                    f"--callgrind-out-file={dump}",
+                    "--trace-children=yes",  # the journal's writer process too
+                    f"--callgrind-out-file={tmp}/callgrind.%p.out",
                     "--zero-before=getppid",
                     "--dump-before=getpgrp",
                     sys.executable,
                     "-c",
                     code,
                 ],
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
                 cwd=Path(__file__).resolve().parent.parent,
                 env={**os.environ, "PYTHONHASHSEED": "0"},
             )
+            stdout, stderr = proc.communicate()
             if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
+                print(stderr[-2000:], file=sys.stderr)
                 return 1
-            bars = json.loads(proc.stdout.strip().splitlines()[-1])["bars"]
-            marked = Path(f"{dump}.1")  # the dump at the second marker
+            bars = json.loads(stdout.strip().splitlines()[-1])["bars"]
+            marked = Path(tmp) / f"callgrind.{proc.pid}.out.1"  # the dump at the second marker
             if not marked.is_file():
                 print(f"callgrind wrote no dump at the replay's end marker ({marked.name})", file=sys.stderr)
                 return 1
             total = _callgrind_total(marked)
-        per_bar = round(total / bars) if bars else None
-        out[level] = {"bars": bars, "instructions_M": round(total / 1e6, 1), "per_bar": per_bar}
+            # the journal's writer process: no markers there, one dump at its exit
+            sinks = [f for f in Path(tmp).glob("callgrind.*.out") if "journal/sink.py" in _callgrind_cmd(f)]
+            if len(sinks) != 1:
+                print(f"expected one dump of the journal's writer, found {len(sinks)}", file=sys.stderr)
+                return 1
+            writer = _callgrind_total(sinks[0])
+        per_bar = round((total + writer) / bars) if bars else None
+        out[level] = {
+            "bars": bars,
+            "instructions_M": round(total / 1e6, 1),
+            "writer_process_M": round(writer / 1e6, 1),
+            "per_bar": per_bar,
+        }
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _callgrind_cmd(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("cmd:"):
+            return line
+    return ""
 
 
 def _callgrind_total(path: Path) -> int:

@@ -1,9 +1,11 @@
 """The journal: an append-only SQLite (WAL) record of every run, bar decision, order and fill.
 
-Writes never happen on the bar path: rows go into a queue and a dedicated writer thread
-inserts them in batches (``batch_size`` rows or every ``flush_interval_ms``, and at once for
-orders and fills). ``close()`` (also on Ctrl-C) drains the queue and commits, so nothing queued
-is lost on a clean stop. Schema (all tables carry ``run_id``):
+Writes never happen on the bar path: rows go into a queue; a writer thread takes them in batches
+(``batch_size`` rows or every ``flush_interval_ms``, and at once for orders and fills), up to the
+last bar boundary, and hands each batch as one transaction to the journal's own process
+(:mod:`trader.journal.sink`), which commits it off the bar loop's core and GIL. ``close()`` (also
+on Ctrl-C) drains the queue and commits, so nothing queued is lost on a clean stop. Schema (all
+tables carry ``run_id``):
 
 runs            one row per run: mode, config (JSON), policy, layout hash, data files, status, counts
 bars_rejected   a rejected bar: where it came from, why, its raw values
@@ -25,20 +27,24 @@ control         every control request (halt, resume, flatten, reload, stop): whe
 
 from __future__ import annotations
 
+import contextlib
+import marshal
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from trader.errors import JournalError
-from trader.journal import rows
+from trader.journal import rows, sink
 from trader.journal.rows import Row
 
 log = structlog.get_logger(__name__)
@@ -49,11 +55,12 @@ _INSERTS = rows.COLUMNS
 _MAX_VARIABLES = 8000
 _URGENT = frozenset({"orders", "fills", "trades", "account", "llm_queries", "control"})
 _POINT: tuple[str, Any] = ("__point__", None)  # the commit-point marker, compared by identity
-_CONTROL = frozenset({"__discard__", "__flush__", "__sql__"})  # the writer's other markers
+_CONTROL = frozenset({"__discard__", "__flush__"})  # markers the writer acts on itself
+_first = itemgetter(0)
 
 
 class Journal:
-    """Batched, threaded SQLite writer. ``record(table, row)`` is cheap and never blocks on disk.
+    """Batched SQLite writer. ``record(table, row)`` is cheap and never blocks on disk.
 
     Rows go into a deque (appending wakes nobody); the writer thread wakes every
     ``flush_interval_ms``, when ``batch_size`` rows are waiting, or at once for orders and fills.
@@ -61,8 +68,15 @@ class Journal:
     """
 
     def __init__(
-        self, path: str | Path, batch_size: int = 512, flush_interval_ms: int = 200, level: str = "full"
+        self,
+        path: str | Path,
+        batch_size: int = 512,
+        flush_interval_ms: int = 200,
+        level: str = "full",
+        cores: list[int] | None = None,
     ) -> None:
+        """``cores``: where the writer process runs (off the bar loop's core; None: where this
+        process may run)."""
         if level not in rows.LEVEL_TABLES:
             raise JournalError(f"journal.level {level!r}: expected one of {', '.join(rows.LEVEL_TABLES)}")
         self.level = level
@@ -84,16 +98,19 @@ class Journal:
                     con.execute(sql)
             con.commit()
             # bound parameters per statement: as many as this SQLite takes, up to _MAX_VARIABLES
-            self._max_variables = min(_MAX_VARIABLES, con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
-            # The writer thread's connection, opened here: on the file just checked, not on
-            # whatever is at the path when the thread gets to run (a file moved or replaced).
-            self._con = con
+            max_variables = min(_MAX_VARIABLES, con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
             st = os.stat(self.path)
             self._identity = (st.st_dev, st.st_ino)
+            # The sink's connection, opened now: on the file just checked (it says which file it
+            # opened), not on whatever is at the path when the first batch comes.
+            self._sink = _Sink(self.path, max_variables, self._identity, cores)
+        finally:
+            con.close()
+        try:
             self._thread = threading.Thread(target=self._writer, name="journal-writer", daemon=True)
             self._thread.start()
         except BaseException:
-            con.close()
+            self._sink.close()
             raise
         self._closed = False
 
@@ -196,6 +213,8 @@ class Journal:
             return f"journal writer failed: {self._error}"
         if not self._closed and not self._thread.is_alive():
             return "journal writer thread is not running"
+        if not self._closed and (gone := self._sink.gone()) is not None:
+            return gone
         try:
             st = os.stat(self.path)
         except OSError:
@@ -205,6 +224,12 @@ class Journal:
         if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
             return f"journal file {self.path} is not writable"
         return None
+
+    @property
+    def writer_pid(self) -> int:
+        """The process that commits the journal's rows (it ignores SIGINT and SIGTERM and ends
+        when this process closes the journal or is gone)."""
+        return self._sink.proc.pid
 
     @property
     def backlog(self) -> int:
@@ -233,62 +258,8 @@ class Journal:
             raise JournalError(f"journal writer failed: {self._error}") from self._error
 
     # -- writer thread -------------------------------------------------------------------------
-    def _insert(self, con: sqlite3.Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
-        # One multi-row INSERT per chunk: SQLite runs it in one step, so the GIL is released and
-        # re-taken once per chunk instead of once per row (executemany), which would otherwise
-        # hand the GIL back and forth with the bar loop on every bar. Chunks have power-of-two
-        # sizes: a handful of statements per table, each prepared once (the connection's statement
-        # cache keeps them). Binding is most of the writer's work, so what is the same in every row
-        # of a chunk goes into the statement's text instead: a column NULL throughout (binding None
-        # costs an adapter lookup) and the run id. The chunk's values are walked as one flat list
-        # (no transposing into columns and back): every Python step here holds the GIL the bar
-        # loop needs.
-        width = _INSERTS[table]
-        per = 1 << ((self._max_variables // width).bit_length() - 1)
-        s = 0
-        while s < len(rows):
-            size = min(per, 1 << ((len(rows) - s).bit_length() - 1))
-            chunk = rows[s : s + size]
-            s += size
-            bad = next((r for r in chunk if len(r) != width), None)
-            if bad is not None:  # its values would land in the neighbouring rows' columns
-                raise JournalError(f"journal: a {table} row has {len(bad)} values, expected {width}")
-            params = list(chain.from_iterable(chunk))
-            if set(map(type, params)) <= _PLAIN:
-                text = _constant_columns(chunk[0], params, size, width)
-                w = width
-                for j in range(width - 1, -1, -1):  # from the right: the stride shrinks as we go
-                    if text[j] is not None:
-                        del params[j::w]
-                        w -= 1
-            else:  # numpy scalars and the like would bind as bytes: stored as what they are
-                text = (None,) * width
-                raw = params
-                params = [_storable(v) for v in raw]
-                self.coerced += sum(type(a) is not type(b) for a, b in zip(raw, params, strict=True))
-            key = (table, size, text)
-            sql = self._sql.get(key)
-            if sql is None:
-                if len(self._sql) >= 512:  # bounded, whatever mix of NULLs a long run brings
-                    self._sql.clear()
-                one = "(" + ", ".join(t or "?" for t in text) + ")"
-                sql = self._sql[key] = f"INSERT INTO {table} VALUES " + ", ".join([one] * size)
-            try:
-                con.execute(sql, params)
-            except (OverflowError, ValueError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
-                # a value SQLite cannot bind (an integer past 64 bits, a lone surrogate): stored as
-                # text rather than losing the transaction's rows
-                fixed = [_storable(v) for v in params]
-                self.coerced += sum(a is not b for a, b in zip(params, fixed, strict=True))
-                con.execute(sql, fixed)
-                log.warning("journal_values_stored_as_text", table=table, error=str(exc)[:200])
-
     def _writer(self) -> None:
-        con = self._con
-        self._sql: dict[tuple[str, int, tuple[str | None, ...]], str] = {}
-        # rows waiting for the next transaction, per table ("__sql__": statements, run after them)
-        pending: dict[str, list[Any]] = {t: [] for t in (*_INSERTS, "__sql__")}
-        statements = pending["__sql__"]
+        sink = self._sink
         staged: list[tuple[str, Any]] = []  # recorded after the last commit point
         buf = self._buf
         popleft = buf.popleft
@@ -299,36 +270,44 @@ class Journal:
                 self._wake.clear()
                 stopping = self._stopping
                 flushes.clear()
-                ready: list[tuple[str, Any]] = []  # recorded before the last commit point
-                for item in [popleft() for _ in range(len(buf))]:
-                    if item is _POINT:
-                        if staged:
-                            ready += staged
-                            staged.clear()
-                    elif item[0] in _CONTROL:
-                        if item[0] == "__discard__":
-                            staged[:] = [r for r in staged if r[0] in item[1]]
+                items = [popleft() for _ in range(len(buf))]
+                ready: list[tuple[str, Any]]  # recorded before the last commit point
+                if _CONTROL.isdisjoint(map(_first, items)):
+                    # rows and commit points (the rule): everything up to the last point is ready,
+                    # points included (the sink passes over them); no step per row here, where
+                    # every step holds the GIL and the core the bar loop needs
+                    k = len(items)
+                    while k and items[k - 1] is not _POINT:
+                        k -= 1
+                    if k == 0:
+                        ready = []
+                        staged += items
+                    else:
+                        ready = staged + items[:k] if staged else items[:k]
+                        staged = items[k:]
+                else:
+                    ready = []
+                    for item in items:
+                        if item is _POINT:
+                            if staged:
+                                ready += staged
+                                staged = []
+                        elif item[0] == "__discard__":
+                            staged = [r for r in staged if r[0] in item[1]]
                         elif item[0] == "__flush__":
                             flushes.append(item[1])
-                        else:  # "__sql__": staged like a row, run after the transaction's inserts
+                        else:  # a row, or "__sql__": staged like a row, run after the inserts
                             staged.append(item)
-                    else:
-                        staged.append(item)
                 if flushes or stopping:  # a flush or the end commits everything recorded so far
                     ready += staged
-                    staged.clear()
-                for table, row in ready:
-                    pending[table].append(row)
+                    staged = []
+                # the transaction sent last time is committed by now, as a rule: its answer is
+                # read when the writer wakes anyway (no wake-up, no GIL hand-over of its own)
+                self.coerced += sink.answers()
                 if ready:
-                    con.execute("BEGIN")
-                    for t in _INSERTS:
-                        if rows := pending[t]:
-                            self._insert(con, t, rows)
-                            rows.clear()
-                    for sql, params in statements:
-                        con.execute(sql, params)
-                    statements.clear()
-                    con.execute("COMMIT")
+                    sink.send(ready)
+                if flushes or stopping:
+                    self.coerced += sink.answers()  # committed: the flushes may return
                 for done in flushes:
                     done.set()
                 if stopping and not buf:
@@ -342,51 +321,174 @@ class Journal:
                 if table == "__flush__":
                     row.set()
         finally:
-            con.close()
+            sink.close()
 
 
-_INT64 = (-(2**63), 2**63 - 1)
+class _Sink:
+    """The process that commits the writer's transactions (:mod:`trader.journal.sink`), seen from
+    the writer thread: ``commit`` sends one transaction and waits (without the GIL) until it is
+    committed, or raises :class:`JournalError` with the sink's reason."""
 
+    def __init__(
+        self, path: Path, max_variables: int, identity: tuple[int, int], cores: list[int] | None
+    ) -> None:
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", sink.__file__],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+                start_new_session=True,  # a terminal's Ctrl-C or hang-up is the service's to handle
+                env={k: v for k, v in os.environ.items() if k in _SINK_ENV},  # no broker secrets
+            )
+        except OSError as exc:
+            raise JournalError(f"journal {path}: the writer process could not start: {exc}") from exc
+        if hasattr(os, "sched_setaffinity"):
+            # not where the thread that started it happens to be pinned (a bar loop before)
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(self.proc.pid, cores or _STARTED_WITH)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in, self._out = self.proc.stdin, self.proc.stdout
+        self.path = path
+        self._sent: list[tuple[str, Any]] | None = None  # the transaction not answered yet
+        self._coerced = 0  # values of the transaction sent made plain here
+        try:
+            widths = dict(_INSERTS)
+            self._send(marshal.dumps(("open", str(path), widths, max_variables)))
+            reply = self._receive()
+            if reply[0] != "ready":
+                raise JournalError(f"journal {path}: {reply[1]}")
+            if (reply[1], reply[2]) != identity:
+                raise JournalError(f"journal {path} was replaced while it was being opened")
+        except BaseException:
+            self.close()
+            raise
+
+    def _send(self, payload: bytes) -> None:
+        try:
+            sink.write_message(self._in, payload)
+        except (BrokenPipeError, ValueError) as exc:
+            raise JournalError(self._why_gone() or f"journal writer process: {exc}") from exc
+
+    def _receive(self) -> Any:
+        reply = sink.read_message(self._out)
+        if reply is None:
+            raise JournalError(self._why_gone() or "journal writer process closed its output")
+        return reply
+
+    def _why_gone(self) -> str | None:
+        try:
+            code = self.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            return None
+        return f"journal writer process exited with code {code}"
+
+    def gone(self) -> str | None:
+        """Why the sink cannot commit any more (it exited), or None."""
+        code = self.proc.poll()
+        return None if code is None else f"journal writer failed: its process exited with code {code}"
+
+    def send(self, items: list[tuple[str, Any]]) -> None:
+        """Send a transaction: rows (``(table, values)``), statements (``("__sql__", (sql,
+        params))``, run after the rows) and commit points (passed over); :meth:`answers` says when
+        it is committed. One at a time: the previous one must have been answered. The list is kept
+        until then (it may be sent again)."""
+        assert self._sent is None, "the previous transaction is not answered yet"
+        try:
+            # rows are Row named tuples: marshal carries exact tuples only (one C pass copies them)
+            payload = marshal.dumps(("tx", list(map(tuple, items)), False))
+            self._coerced = 0
+        except ValueError:  # an object marshal refuses (an IntEnum, say): made plain first
+            payload, self._coerced = _plain_payload(items)
+        self._send(payload)
+        self._sent = items
+
+    def answers(self) -> int:
+        """Wait until the transaction sent is committed (raises the sink's reason if it could not
+        be). Returns how many values were stored as something else than given (plain Python
+        values for numpy scalars, text for what SQLite cannot bind)."""
+        if self._sent is None:
+            return 0
+        while True:
+            reply = self._receive()
+            if reply[0] != "plain":
+                break
+            # values of other than the plain types (marshal carries a numpy scalar as its bytes, a
+            # float subclass too): the sink asked for them made plain; rare, so not checked here
+            # on every row (it costs the bar loop's core)
+            payload, self._coerced = _plain_payload(self._sent)
+            self._send(payload)
+        self._sent = None
+        if reply[0] != "ok":
+            raise JournalError(f"journal {self.path}: {reply[1]}")
+        for warning in reply[2]:
+            log.warning("journal_values_stored_as_text", error=warning)
+        return self._coerced + int(reply[1])
+
+    def close(self) -> None:
+        """Ask the sink to finish (everything sent is committed by then) and wait for it."""
+        with contextlib.suppress(OSError, ValueError):
+            sink.write_message(self._in, marshal.dumps(("close",)))
+        for stream in (self._in, self._out):
+            with contextlib.suppress(OSError):
+                stream.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            log.error("journal_writer_process_killed", path=str(self.path))
+            self.proc.kill()
+            self.proc.wait()
+
+
+# what the writer process may need of the environment (SQLite's temporary files, the locale)
+_SINK_ENV = frozenset({"PATH", "TMPDIR", "SQLITE_TMPDIR", "LANG", "LC_ALL", "LC_CTYPE", "TZ"})
+
+# the cores this process was started with, before any pinning (taskset, systemd CPUAffinity=)
+_STARTED_WITH = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 # what SQLite binds as itself (bool as an integer)
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def _constant_columns(
-    first: tuple[Any, ...], flat: list[Any], size: int, width: int
-) -> tuple[str | None, ...]:
-    """Per column of a chunk (``flat``: its rows' values one after the other, ``size`` rows of
-    ``width``), the SQL literal for a column whose rows all hold the same value when the
-    statement's text gives SQLite exactly what binding would: NULL, or in the first column (the
-    run id) the same plain ASCII text in every row; None: bind the values."""
-    text: list[str | None] = [None] * width
-    for j, v in enumerate(first):
-        if v is None and flat[j::width].count(None) == size:
-            text[j] = "NULL"
-    v = first[0]
-    if type(v) is str and v.isascii() and "\x00" not in v and flat[0::width].count(v) == size:
-        text[0] = "'" + v.replace("'", "''") + "'"
-    return tuple(text)
+def _plain_payload(items: list[tuple[str, Any]]) -> tuple[bytes, int]:
+    """A transaction's message with every value made plain (:func:`_plain`), and how many were
+    changed."""
+    coerced = 0
+    plain: list[tuple[str, Any]] = []
+    for table, values in items:
+        if table == "__sql__":
+            sql, params = values
+            fixed: Any = (sql, tuple(map(_plain, params)))
+            coerced += sum(type(a) is not type(b) for a, b in zip(params, fixed[1], strict=True))
+        elif values is None:  # a commit point
+            fixed = None
+        else:
+            fixed = tuple(map(_plain, values))
+            coerced += sum(type(a) is not type(b) for a, b in zip(values, fixed, strict=True))
+        plain.append((table, fixed))
+    return marshal.dumps(("tx", plain, True)), coerced
 
 
-def _storable(v: Any) -> Any:
-    """A value SQLite can bind: as it is when it can, else as text (never dropped)."""
-    if isinstance(v, str):
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate (an emoji cut in two): replaced, kept
-            return v.encode("utf-8", "replace").decode("utf-8")
-        return v
-    if v is None or isinstance(v, bytes | float):
+def _plain(v: Any) -> Any:
+    """``v`` as a value of exactly one of the types ``marshal`` carries and SQLite binds as
+    itself: an int or float subclass (an IntEnum, numpy's float64) as the int or float it is, a
+    numpy scalar as its Python value, anything else as text (never dropped)."""
+    if type(v) in _PLAIN:
         return v
     if isinstance(v, bool):
-        return int(v)
+        return bool(v)
     if isinstance(v, int):
-        return v if _INT64[0] <= v <= _INT64[1] else str(v)
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    if isinstance(v, str):
+        return str.__str__(v)  # the text itself, not a str enum's "Cls.MEMBER"
+    if isinstance(v, bytes):
+        return bytes(v)
     item = getattr(v, "item", None)  # numpy scalars
     if callable(item):
         try:
-            return _storable(item())
+            return _plain(item())
         except (TypeError, ValueError):
             pass
     return str(v)

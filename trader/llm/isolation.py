@@ -88,13 +88,19 @@ def bar_loop_cores(cfg: CpuConfig) -> list[int] | None:
     return cores
 
 
-def llm_cores(cfg: CpuConfig) -> list[int] | None:
-    """The cores a local LLM may use: every allowed core but the bar loop's (None: no pinning)."""
+def off_loop_cores(cfg: CpuConfig) -> list[int] | None:
+    """Every allowed core but the bar loop's (None: no pinning): where work that runs beside the
+    loop goes (a local LLM, the journal's writer process)."""
     loop = bar_loop_cores(cfg)
     if loop is None:
         return None
     rest = [c for c in allowed_cores() if c not in loop]
     return rest or None
+
+
+def llm_cores(cfg: CpuConfig) -> list[int] | None:
+    """The cores a local LLM may use: every allowed core but the bar loop's (None: no pinning)."""
+    return off_loop_cores(cfg)
 
 
 def llm_threads(cfg: LLMModelConfig, cores: list[int] | None = None) -> int:
