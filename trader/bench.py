@@ -42,7 +42,7 @@ def _one(data: Path, level: str = "full", batch_bars: int | None = None) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run = build_replay(settings, Path(tmp) / "bench.sqlite")
-        pin_bar_loop(settings.cpu)  # as `trader replay` and `trader run` do
+        pin_bar_loop(settings.cpu, beside=(run.journal.writer_pid,))  # as `trader replay` does
         setup = time.perf_counter() - t0
         t1 = time.perf_counter()
         stats = asyncio.run(_run(run.engine))
@@ -112,7 +112,7 @@ def llm_bar_path_once(
     settings = load_settings(None, _llm_bench_overrides(isolation, n_threads, ms_per_bar, query_interval))
     with tempfile.TemporaryDirectory() as tmp:
         run = build_replay(settings, Path(tmp) / "llm.sqlite", advisor_timing="wall")
-        pin_bar_loop(settings.cpu)
+        pin_bar_loop(settings.cpu, beside=(run.journal.writer_pid,))
         engine = run.engine
         stats = asyncio.run(_run(engine))
         run.journal.close()

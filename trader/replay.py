@@ -57,7 +57,7 @@ async def run_replay(
 
     run = build_replay(settings, journal_path, data_paths, run_id=run_id, observers=observers)
     if pin_cpu:
-        pin_bar_loop(settings.cpu)
+        pin_bar_loop(settings.cpu, beside=(run.journal.writer_pid,))
     engine, journal = run.engine, run.journal
     loop = asyncio.get_running_loop()
     signals = (

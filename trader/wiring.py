@@ -29,7 +29,6 @@ from trader.features.clock import SessionClock
 from trader.features.observation import BulkFeatures, load_feature_blocks
 from trader.feeds.replay import RecordedBars, ReplayFeed, load_bars
 from trader.journal import Journal, reader
-from trader.llm.isolation import off_loop_cores
 from trader.policy import build_policy
 from trader.ports import AdviceSource, Broker, FeatureSource, Feed, JournalSink, Policy, RiskRule, RunObserver
 
@@ -110,7 +109,6 @@ def _open_journal(
         settings.journal.batch_size,
         settings.journal.flush_interval_ms,
         settings.journal.level,
-        cores=off_loop_cores(settings.cpu),
     )
     try:
         if resume:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 import signal
 import sqlite3
@@ -133,3 +134,29 @@ def test_the_writer_process_ends_with_its_parent_keeping_what_was_committed(tmp_
         if p.poll() is None:
             p.kill()
     assert [r[0] for r in stored(path)] == [1]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores"
+)
+def test_a_pinned_bar_loop_keeps_the_writer_process_off_its_core(tmp_path):
+    """The point of the writer process: SQLite's work beside the bar loop, not on its core. Run in
+    a child (pinning moves every thread of the process that asks)."""
+    code = (
+        "import json, os\n"
+        "from trader.config import load_settings\n"
+        "from trader.journal.writer import Journal\n"
+        "from trader.llm.isolation import pin_bar_loop\n"
+        "s = load_settings(None, {'cpu': {'bar_loop_cores': 'first'}})\n"
+        f"j = Journal({str(tmp_path / 'j.sqlite')!r})\n"
+        "loop = pin_bar_loop(s.cpu, beside=(j.writer_pid,))\n"
+        "mine, its = os.sched_getaffinity(0), os.sched_getaffinity(j.writer_pid)\n"
+        "print(json.dumps([loop, sorted(mine), sorted(its)]))\n"
+        "j.close()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loop, main_thread, writer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loop == main_thread == sorted(os.sched_getaffinity(0))[:1]
+    assert writer and not set(writer) & set(loop)

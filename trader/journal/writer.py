@@ -73,10 +73,9 @@ class Journal:
         batch_size: int = 512,
         flush_interval_ms: int = 200,
         level: str = "full",
-        cores: list[int] | None = None,
     ) -> None:
-        """``cores``: where the writer process runs (off the bar loop's core; None: where this
-        process may run)."""
+        """The writer process may run on any core this process was started with; a run that pins
+        its bar loop puts it on the others (:func:`trader.llm.isolation.pin_bar_loop`)."""
         if level not in rows.LEVEL_TABLES:
             raise JournalError(f"journal.level {level!r}: expected one of {', '.join(rows.LEVEL_TABLES)}")
         self.level = level
@@ -103,7 +102,7 @@ class Journal:
             self._identity = (st.st_dev, st.st_ino)
             # The sink's connection, opened now: on the file just checked (it says which file it
             # opened), not on whatever is at the path when the first batch comes.
-            self._sink = _Sink(self.path, max_variables, self._identity, cores)
+            self._sink = _Sink(self.path, max_variables, self._identity)
         finally:
             con.close()
         try:
@@ -329,9 +328,7 @@ class _Sink:
     the writer thread: ``commit`` sends one transaction and waits (without the GIL) until it is
     committed, or raises :class:`JournalError` with the sink's reason."""
 
-    def __init__(
-        self, path: Path, max_variables: int, identity: tuple[int, int], cores: list[int] | None
-    ) -> None:
+    def __init__(self, path: Path, max_variables: int, identity: tuple[int, int]) -> None:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", sink.__file__],
@@ -345,8 +342,8 @@ class _Sink:
             raise JournalError(f"journal {path}: the writer process could not start: {exc}") from exc
         if hasattr(os, "sched_setaffinity"):
             # not where the thread that started it happens to be pinned (a bar loop before)
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(self.proc.pid, cores or _STARTED_WITH)
+            with contextlib.suppress(OSError):  # refused by a system-call filter: stays put
+                os.sched_setaffinity(self.proc.pid, _STARTED_WITH)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in, self._out = self.proc.stdin, self.proc.stdout
         self.path = path

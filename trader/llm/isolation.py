@@ -25,6 +25,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -118,15 +119,19 @@ def pin_thread(cores: list[int] | None) -> None:
         os.sched_setaffinity(0, cores)
 
 
-def pin_bar_loop(cfg: CpuConfig) -> list[int] | None:
-    """Pin every thread of this process (event loop, journal writer, and those it starts later)
-    to the bar loop's cores; returns them. Call once the run is built, before it starts."""
+def pin_bar_loop(cfg: CpuConfig, beside: Sequence[int] = ()) -> list[int] | None:
+    """Pin every thread of this process (event loop, journal writer thread, and those it starts
+    later) to the bar loop's cores, and the processes ``beside`` (the journal's writer process) to
+    the others; returns the loop's. Call once the run is built, before it starts."""
     cores = bar_loop_cores(cfg)
     if not hasattr(os, "sched_setaffinity"):
         return None
     for tid in os.listdir("/proc/self/task"):
         with contextlib.suppress(OSError):  # a thread that just ended
             os.sched_setaffinity(int(tid), cores or allowed_cores())
+    for pid in beside:
+        with contextlib.suppress(OSError):  # gone, or refused (a system-call filter)
+            os.sched_setaffinity(pid, off_loop_cores(cfg) or allowed_cores())
     if cores is not None:
         log.info("bar_loop_pinned", cores=cores)
     return cores

@@ -226,7 +226,9 @@ async def run_service(
             # pinned only when configured: with "auto" the service's threads stay where the OS puts
             # them (a local LLM still keeps off the core the service started on); a live test whose
             # local server stalled did not stop within 60 s with every thread on one core
-            pin_bar_loop(settings.cpu)  # the run is built: its threads keep their core(s) from here on
+            # the run is built: its threads keep their core(s) from here on, its journal's writer
+            # process the others
+            pin_bar_loop(settings.cpu, beside=(run.journal.writer_pid,))
         svc = Service(settings, run, config_path, overrides, dashboard=dashboard, alerts=alerts)
         try:
             return await svc.main()
