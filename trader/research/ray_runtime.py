@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import tenacity
+
 from trader import __version__
 from trader.errors import TraderError
 
@@ -109,6 +111,31 @@ def connect(
             importing.join()
 
 
+# Ray's proxier forks one server process per client; that process sometimes dies as it starts
+# (ray-project/ray#63202, a gRPC fork race, ~7% of connections) and ray.init raises this. A new
+# connection gets a new process: connecting again is safe.
+_CLIENT_SERVER_DIED = "Starting Ray client server failed"
+
+
+def _client_init(ray: Any, address: str, common: dict[str, Any], attempts: int = 3) -> None:
+    """``ray.init`` through a Ray Client server, again (up to ``attempts`` in all, 1 s apart) when
+    the server's process for this client died as it started; any other failure at once."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_fixed(1.0),
+        retry=tenacity.retry_if_exception(lambda exc: _CLIENT_SERVER_DIED in str(exc)),
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            try:
+                ray.init(address=address, **common)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()  # the half-made client connection
+                raise
+
+
 def _connect(ray: Any, address: str | None, workers: int | None) -> RayRuntime:
     if workers is not None and workers < 1:
         raise RayError(f"--workers: {workers} is not a whole number >= 1")
@@ -129,7 +156,7 @@ def _connect(ray: Any, address: str | None, workers: int | None) -> RayRuntime:
             )
             kind = "embedded"
         elif address.startswith("ray://"):
-            ray.init(address=address, **common)
+            _client_init(ray, address, common)
             kind = "client"
         else:
             ray.init(address=address, **common)
