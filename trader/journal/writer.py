@@ -46,6 +46,7 @@ import structlog
 from trader.errors import JournalError
 from trader.journal import rows, sink
 from trader.journal.rows import Row
+from trader.llm.isolation import allowed_cores
 
 log = structlog.get_logger(__name__)
 
@@ -343,7 +344,7 @@ class _Sink:
         if hasattr(os, "sched_setaffinity"):
             # not where the thread that started it happens to be pinned (a bar loop before)
             with contextlib.suppress(OSError):  # refused by a system-call filter: stays put
-                os.sched_setaffinity(self.proc.pid, _STARTED_WITH)
+                os.sched_setaffinity(self.proc.pid, allowed_cores())
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in, self._out = self.proc.stdin, self.proc.stdout
         self.path = path
@@ -439,9 +440,6 @@ class _Sink:
 
 # what the writer process may need of the environment (SQLite's temporary files, the locale)
 _SINK_ENV = frozenset({"PATH", "TMPDIR", "SQLITE_TMPDIR", "LANG", "LC_ALL", "LC_CTYPE", "TZ"})
-
-# the cores this process was started with, before any pinning (taskset, systemd CPUAffinity=)
-_STARTED_WITH = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 # what SQLite binds as itself (bool as an integer)
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})

@@ -300,9 +300,7 @@ class TradovateBroker:
             log.error("broker_jobs_unfinished_at_stop", queued=self._jobs.qsize())
         # a market order just sent fills at once, but its fill can come after the answer: wait
         # for it (bounded) so the journal gets it now rather than at the next start's reconcile
-        deadline = time.monotonic() + self.cfg.request_timeout_s
-        while self.in_flight() and self.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await self._wait_in_flight()
         if self.in_flight():
             log.warning(
                 "broker_stopped_with_orders_in_flight", orders=[o.client_id for o in self.in_flight()]
@@ -435,6 +433,16 @@ class TradovateBroker:
         """Market orders sent and not yet completely filled or ended."""
         return [o for o in self.book.working() if o.purpose not in ("stop", "adopted") and o.filled < o.qty]
 
+    async def _wait_in_flight(self, bar: int | None = None) -> None:
+        """Wait (at most ``request_timeout_s``) until no market order is in flight: while the
+        user socket is up to tell, and, given the bar an order was decided on, while it is the
+        latest."""
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while self.in_flight() and time.monotonic() < deadline:
+            if (bar is None and not self.connected) or (bar is not None and bar != self._bar_seq):
+                return
+            await asyncio.sleep(0.02)
+
     async def submit(self, intent: OrderIntent) -> None:
         """Queue the order (sent by the worker, in order); the outcome comes back as events."""
         if intent.purpose.startswith("flatten"):
@@ -460,9 +468,7 @@ class TradovateBroker:
         cid = intent.client_id
         # a market order sent just before (an exit ahead of a same-bar entry) is still filling:
         # wait for its fill, briefly, rather than act on a position that is about to change
-        deadline = time.monotonic() + self.cfg.request_timeout_s
-        while self.in_flight() and time.monotonic() < deadline and bar == self._bar_seq:
-            await asyncio.sleep(0.02)
+        await self._wait_in_flight(bar)
         if self._stale(cid, bar):
             return
         busy = self.in_flight()
@@ -471,8 +477,7 @@ class TradovateBroker:
             log.warning("order_skipped_in_flight", client_id=cid, waiting_for=busy[0].client_id)
             self._refused(cid, f"not sent: {busy[0].client_id} in flight")
             return
-        qty = intent.qty
-        sgn = int(intent.side)
+        qty, sgn = intent.qty, int(intent.side)
         if intent.purpose.startswith("exit"):
             # An exit closes the position the broker holds (a stop may have closed it already),
             # and the contract's working orders, our stop among them, go in the same request
@@ -751,9 +756,7 @@ class TradovateBroker:
             return
         # a market order on its way changes the position: set the stops for the one it leaves
         # (its fill or its end queues another sync; waited for briefly, as an order is)
-        deadline = time.monotonic() + self.cfg.request_timeout_s
-        while self.in_flight() and self.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await self._wait_in_flight()
         if self.in_flight():
             log.info("sync_stops_deferred", waiting_for=[o.client_id for o in self.in_flight()])
             return
