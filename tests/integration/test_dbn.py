@@ -271,3 +271,154 @@ def test_a_file_with_metadata_and_no_bars_says_so(tmp_path):
     path = write_dbn(tmp_path / "none.dbn", [], [NQZ3])
     with pytest.raises(DataError, match=r"none\.dbn: holds no bars"):
         load_bars(make_settings().data, [path])
+
+
+# -- hostile files: every way the bytes can be wrong is a DataError naming the file ------------------------
+
+
+def test_corrupt_zstd_data_is_an_error_naming_the_file_not_a_zstd_traceback(tmp_path, nq_files):
+    data = bytearray(nq_files["zst"].read_bytes())
+    for i, at in enumerate((len(data) // 3, len(data) // 2, 2 * len(data) // 3)):
+        flipped = bytearray(data)
+        flipped[at] ^= 1
+        path = tmp_path / f"flip{i}.dbn.zst"
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(DataError, match=r"is not a readable DBN file") as e:
+            load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ")
+        assert str(e.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(("offset", "value"), [(0, 13), (0, 0), (1, 0x01), (1, 0xFF), (1, 0x15)])
+def test_a_malformed_record_is_an_error_naming_the_file_not_a_decoder_panic(
+    tmp_path, nq_files, offset, value
+):
+    """A record's length byte or rtype byte damaged: the decoder panics (pyo3's PanicException, a
+    BaseException) or errs; either way the file is refused by name."""
+    raw = bytearray(nq_files["dbn"].read_bytes())
+    first = 8 + int.from_bytes(raw[4:8], "little")  # the metadata's end: the first record
+    raw[first + 56 * 100 + offset] = value
+    path = tmp_path / "damaged.dbn"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as e:
+        load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ")
+    assert str(e.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("rtype", "says"),
+    [
+        (dbn.RType.OHLCV_1H, r"record 101 is ohlcv_1h, not 1-minute OHLCV"),
+        (dbn.RType.OHLCV_1S, r"record 101 is ohlcv_1s, not 1-minute OHLCV"),
+        (0xA0, r"record 101 is mbo, not 1-minute OHLCV, in a file of schema ohlcv-1m"),
+        (0x00, r"record 101 is mbp_0, not 1-minute OHLCV, in a file of schema ohlcv-1m"),
+    ],
+)
+def test_every_record_of_an_ohlcv_1m_file_is_checked_whatever_the_header_says(
+    tmp_path, nq_files, rtype, says
+):
+    """An hourly bar, or a damaged rtype byte, in a file whose header says ohlcv-1m was read as a
+    1-minute bar (or dropped without a word): now it is an error naming the record."""
+    raw = bytearray(nq_files["dbn"].read_bytes())
+    first = 8 + int.from_bytes(raw[4:8], "little")
+    raw[first + 56 * 100 + 1] = int(rtype)
+    path = tmp_path / "rtype.dbn"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=says) as e:
+        load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ")
+    assert str(e.value).startswith(str(path))
+
+
+def test_an_undefined_event_time_refuses_its_row_only(tmp_path, nq):
+    recs = bar_records(nq, 42)[:300]
+    bad = dbn.OHLCVMsg(dbn.RType.OHLCV_1M, 1, 42, dbn.UNDEF_TIMESTAMP, 16_000 * SCALE, 16_001 * SCALE,
+                       15_999 * SCALE, 16_000 * SCALE, 5)  # fmt: skip
+    raw = meta_bytes(recs, symbols=["NQZ3"], mappings=[NQZ3]) + b"".join(
+        bytes(bad) if i == 100 else r for i, (_, r) in enumerate(recs)
+    )
+    path = tmp_path / "undef_ts.dbn"
+    path.write_bytes(raw)
+    rb = load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ")
+    accepted = rb.accepted()
+    assert len(rb) == 300 and not accepted[100] and int(accepted.sum()) == 299
+    assert np.array_equal(rb.close[accepted], np.delete(nq.close[:300], 100))
+
+
+def meta_bytes(recs: list[tuple[int, bytes]], symbols: list[str], mappings: list[SimpleNamespace]) -> bytes:
+    return dbn.Metadata(
+        dataset="GLBX.MDP3",
+        start=recs[0][0],
+        end=recs[-1][0] + 60_000_000_000,
+        stype_in=dbn.SType.RAW_SYMBOL,
+        stype_out=dbn.SType.INSTRUMENT_ID,
+        schema=dbn.Schema.OHLCV_1M,
+        symbols=symbols,
+        mappings=mappings,
+    ).encode()
+
+
+# -- which instrument a file without symbol mappings holds ---------------------------------------------------
+
+
+def test_a_file_without_mappings_is_replayed_only_when_something_in_it_names_the_instrument(tmp_path, nq):
+    """Live-recorded files carry no mappings in their metadata. ES bars (symbols ESZ3) were replayed
+    as NQ with a warning; now what the file says is checked, and a file that says nothing needs
+    data.symbol = its instrument id."""
+    recs = bar_records(nq, 43)[:500]
+    data = make_settings().data
+    es = tmp_path / "es.dbn"
+    es.write_bytes(meta_bytes(recs, ["ESZ3"], []) + b"".join(r for _, r in recs))
+    with pytest.raises(DataError, match=r"43: ESZ3\): none of its symbols is instrument.symbol 'NQ'"):
+        load_bars(data, [es], tick_size=0.25, symbol="NQ")
+    assert len(load_bars(data, [es], tick_size=0.25, symbol="ES")) == 500
+
+    nq_named = tmp_path / "nq.dbn"
+    nq_named.write_bytes(meta_bytes(recs, ["NQZ3"], []) + b"".join(r for _, r in recs))
+    assert len(load_bars(data, [nq_named], tick_size=0.25, symbol="NQ")) == 500
+    named = make_settings(data={"symbol": "NQZ3"}).data
+    assert len(load_bars(named, [nq_named], tick_size=0.25, symbol="NQ")) == 500
+
+    unnamed = tmp_path / "unnamed.dbn"
+    unnamed.write_bytes(meta_bytes(recs, [], []) + b"".join(r for _, r in recs))
+    with pytest.raises(DataError, match=r"nothing in the file names its instruments.*data.symbol"):
+        load_bars(data, [unnamed], tick_size=0.25, symbol="NQ")
+    by_id = make_settings(data={"symbol": "43"}).data
+    assert len(load_bars(by_id, [unnamed], tick_size=0.25, symbol="NQ")) == 500
+
+
+def test_a_live_streams_in_stream_symbol_mappings_name_its_instruments(tmp_path, nq):
+    """A live stream says which symbol each instrument id is in SymbolMappingMsg records, not in
+    its metadata: a file of NQ (42) and ES (43) bars gives NQ's, and ES is refused when only it is
+    there."""
+    nq_recs, es_recs = bar_records(nq, 42)[:400], bar_records(nq, 43, -11_000.0)[:400]
+    ts0 = nq_recs[0][0]
+
+    def mapping_msg(iid: int, sym_in: str, sym_out: str) -> bytes:
+        return bytes(dbn.SymbolMappingMsg(1, iid, ts0, dbn.SType.CONTINUOUS, sym_in, dbn.SType.RAW_SYMBOL,
+                                          sym_out, ts0, ts0 + 10**15))  # fmt: skip
+
+    both = sorted(nq_recs + es_recs, key=lambda r: r[0])
+    path = tmp_path / "live.dbn"
+    path.write_bytes(
+        meta_bytes(both, [], []) + mapping_msg(42, "NQ.c.0", "NQZ3") + mapping_msg(43, "ES.c.0", "ESZ3")
+        + b"".join(r for _, r in both)
+    )  # fmt: skip
+    rb = load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ")
+    assert np.array_equal(rb.close, nq.close[:400])
+    only_es = tmp_path / "live_es.dbn"
+    only_es.write_bytes(meta_bytes(es_recs, [], []) + mapping_msg(43, "ES.c.0", "ESZ3")
+                        + b"".join(r for _, r in es_recs))  # fmt: skip
+    with pytest.raises(DataError, match=r"none of its symbols is instrument.symbol 'NQ'"):
+        load_bars(make_settings().data, [only_es], tick_size=0.25, symbol="NQ")
+
+
+def test_a_dbn_file_is_known_by_its_bytes_whatever_its_name(tmp_path, nq, nq_files):
+    """A .dbn under another name (.bin, .csv) went to the CSV reader and its confusing error; a
+    .dbn.zst that opens with a zstd skippable frame was refused as not DBN."""
+    for name, source in (("bars.bin", "dbn"), ("bars.csv", "dbn"), ("bars.zst", "zst")):
+        path = tmp_path / name
+        path.write_bytes(nq_files[source].read_bytes())
+        assert same_bars(load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ"), nq)
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    path = tmp_path / "skip.dbn.zst"
+    path.write_bytes(skippable + nq_files["zst"].read_bytes())
+    assert same_bars(load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ"), nq)

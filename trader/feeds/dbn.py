@@ -12,11 +12,20 @@ of the file's symbology mappings, or an instrument id), else the one ``instrumen
 exactly, as the root of a futures contract (NQ: NQZ3, NQZ23) or of a Databento parent or
 continuous symbol (NQ.FUT, NQ.c.0). No match, or more than one, is an error listing the symbols
 the file holds. Rows of the symbol are taken by its mapping intervals (instrument id and UTC
-dates), so a continuous symbol whose instrument id changes at a roll stays one series.
+dates), so a continuous symbol whose instrument id changes at a roll stays one series. A file whose
+metadata maps no symbols to instrument ids (a recorded live stream) is named by its in-stream
+symbol mapping records, and a file of one instrument by its metadata's symbols too; a file that
+names its instruments nowhere is replayed only with ``data.symbol`` = the instrument id, never on
+a guess.
 
 A damaged or cut-off file is an error naming it: the zstd frames are walked to their end
-(the decoder would return a truncated stream's first records without a word), and a record cut
-off at the end of the data is reported.
+(the decoder would return a truncated stream's first records without a word), a record cut
+off at the end of the data is reported, and what the decoder cannot read (a corrupt zstd block, a
+record of impossible length: a Rust panic inside the package) is reported with the file's name.
+Every record is checked: a bar of another interval is an error whatever the header says, and so
+is other market data in a file of schema ohlcv-1m (a file of mixed schemas may carry it: it is
+passed over, counted in a warning). ``ts_event`` past int64 (UNDEF_TIMESTAMP) refuses its row
+as a bad timestamp.
 """
 
 from __future__ import annotations
@@ -37,11 +46,17 @@ from databento_dbn import (
     Compression,
     DBNDecoder,
     DBNError,
+    ErrorMsg,
+    ErrorMsgV1,
     Metadata,
     OHLCVMsg,
     RType,
     Schema,
     SType,
+    SymbolMappingMsg,
+    SymbolMappingMsgV1,
+    SystemMsg,
+    SystemMsgV1,
 )
 
 from trader.errors import DataError
@@ -52,10 +67,23 @@ DBN_SUFFIXES = (".dbn", ".dbn.zst")
 _ZSTD_MAGIC = 0xFD2FB528
 _CHUNK = 1 << 22  # bytes handed to the decoder at a time
 _MONTH_CODES = "FGHJKMNQUVXZ"
+_INT64_MAX = (1 << 63) - 1
+# records that are not market data: a live stream's symbol mappings, heartbeats and gateway errors
+_MAPPINGS = (SymbolMappingMsg, SymbolMappingMsgV1)
+_NOT_DATA = (*_MAPPINGS, SystemMsg, SystemMsgV1, ErrorMsg, ErrorMsgV1)
 
 
-def is_dbn(path: Path) -> bool:
-    return path.name.lower().endswith(DBN_SUFFIXES)
+def is_dbn(path: Path, head: bytes = b"") -> bool:
+    """A DBN file by its name, or by its first bytes (``head``: DBN's magic or a zstd frame)."""
+    return path.name.lower().endswith(DBN_SUFFIXES) or head.startswith(b"DBN") or is_zstd(head)
+
+
+def is_zstd(data: bytes) -> bool:
+    """``data`` starts with a zstd frame or a skippable frame (RFC 8878)."""
+    if len(data) < 4:
+        return False
+    magic = int.from_bytes(data[:4], "little")
+    return magic == _ZSTD_MAGIC or 0x184D2A50 <= magic <= 0x184D2A5F
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,17 +109,17 @@ def read_dbn(path: Path, instrument_symbol: str | None, wanted: str | None = Non
         raise DataError(f"{path}: cannot be read: {exc}") from exc
     if not data:
         raise DataError(f"{path}: is empty (no DBN metadata, no bars)")
-    zstd = len(data) >= 4 and int.from_bytes(data[:4], "little") == _ZSTD_MAGIC
+    zstd = is_zstd(data)
     if zstd:
         problem = zstd_problem(data)
         if problem:
             raise DataError(f"{path}: damaged or truncated zstd data ({problem}); not a whole .dbn.zst file")
     elif not data.startswith(b"DBN"):
         raise DataError(f"{path}: is not a DBN file (it starts with {data[:8]!r}, not 'DBN' or a zstd frame)")
-    meta, cols = _decode(path, data, zstd)
+    meta, cols, in_stream = _decode(path, data, zstd)
     schema = str(meta.schema) if meta.schema is not None else "mixed"
     iid, ts = cols["instrument_id"].astype(np.int64), cols["ts_event"]
-    symbol, keep = _pick(path, meta, iid, ts, instrument_symbol, wanted)
+    symbol, keep = _pick(path, meta, iid, ts, instrument_symbol, wanted, in_stream)
     prices = {}
     for field in ("open", "high", "low", "close"):
         raw = cols[field][keep]
@@ -113,15 +141,23 @@ def read_dbn(path: Path, instrument_symbol: str | None, wanted: str | None = Non
 _FIELDS = ("instrument_id", "ts_event", "open", "high", "low", "close", "volume")
 
 
-def _decode(path: Path, data: bytes, zstd: bool) -> tuple[Metadata, dict[str, np.ndarray]]:
-    """Metadata and the OHLCV-1m records' fields (plus ``record``, each one's 1-based number in
-    the file), in file order. Decoded a chunk at a time, each chunk's bars turned into arrays."""
+def _decode(
+    path: Path, data: bytes, zstd: bool
+) -> tuple[Metadata, dict[str, np.ndarray], dict[int, set[str]]]:
+    """Metadata, the OHLCV-1m records' fields (plus ``record``, each one's 1-based number in the
+    file) in file order, and the symbols a live stream's in-stream mapping records give each
+    instrument id. Decoded a chunk at a time, each chunk's bars turned into arrays. Every record is
+    checked: an OHLCV record of another interval is an error whatever the header says, as is any
+    other market data in a file of schema ohlcv-1m (in a file of mixed schemas it is passed over
+    and counted); a record the decoder cannot read is an error naming the file."""
     # the stubs type the members as str; they are Compression values
     compression = cast(Compression, Compression.ZSTD if zstd else Compression.NONE)
     decoder = DBNDecoder(compression=compression)
     meta: Metadata | None = None
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*_FIELDS, "record")}
+    in_stream: dict[int, set[str]] = {}
     n_records = 0
+    other_data: dict[str, int] = {}
     try:
         for start in range(0, len(data), _CHUNK):
             decoder.write(data[start : start + _CHUNK])
@@ -136,19 +172,29 @@ def _decode(path: Path, data: bytes, zstd: bool) -> tuple[Metadata, dict[str, np
                 if isinstance(rec, OHLCVMsg):
                     bars.append(rec)
                     numbers.append(n_records)
+                elif isinstance(rec, _MAPPINGS):
+                    names = in_stream.setdefault(int(rec.instrument_id), set())
+                    names.update(s for s in (rec.stype_in_symbol, rec.stype_out_symbol) if s)
+                elif not isinstance(rec, _NOT_DATA):
+                    kind = _rtype_name(rec.rtype)
+                    if meta is not None and meta.schema is not None:
+                        raise DataError(
+                            f"{path}: record {n_records} is {kind}, not 1-minute OHLCV, in a file of "
+                            f"schema {meta.schema}: the file is damaged"
+                        )
+                    other_data[kind] = other_data.get(kind, 0) + 1
             if not bars:
                 continue
-            if meta is not None and meta.schema is None:  # no schema named: every record checked
-                other = [i for i, r in enumerate(bars) if r.rtype != RType.OHLCV_1M]
-                if other:
-                    r = bars[other[0]]
-                    raise DataError(
-                        f"{path}: record {numbers[other[0]]} is {_rtype_name(r.rtype)}, not 1-minute "
-                        "OHLCV: replay reads DBN files of schema ohlcv-1m"
-                    )
+            other = [i for i, r in enumerate(bars) if r.rtype != RType.OHLCV_1M]
+            if other:
+                r = bars[other[0]]
+                raise DataError(
+                    f"{path}: record {numbers[other[0]]} is {_rtype_name(r.rtype)}, not 1-minute "
+                    "OHLCV: replay reads DBN files of schema ohlcv-1m"
+                )
             # plain attribute reads in comprehensions: several times faster than getattr per field
             parts["instrument_id"].append(np.array([r.instrument_id for r in bars], np.uint32))
-            parts["ts_event"].append(np.array([r.ts_event for r in bars], np.int64))
+            parts["ts_event"].append(_event_ns(np.array([r.ts_event for r in bars], np.uint64)))
             parts["open"].append(np.array([r.open for r in bars], np.int64))
             parts["high"].append(np.array([r.high for r in bars], np.int64))
             parts["low"].append(np.array([r.low for r in bars], np.int64))
@@ -156,17 +202,40 @@ def _decode(path: Path, data: bytes, zstd: bool) -> tuple[Metadata, dict[str, np
             parts["volume"].append(np.array([r.volume for r in bars], np.uint64))
             parts["record"].append(np.asarray(numbers, dtype=np.int64))
         leftover = len(decoder.buffer())
-    except DBNError as exc:
-        raise DataError(f"{path}: is not a readable DBN file: {exc}") from exc
+    except DataError:
+        raise
+    except BaseException as exc:
+        if not _decoder_failure(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        after = f" (in the records after record {n_records})" if n_records else ""
+        raise DataError(f"{path}: is not a readable DBN file: {first}{after}") from None
     if meta is None:
         raise DataError(f"{path}: truncated or not DBN: no complete metadata header ({len(data)} bytes)")
     if leftover:
         raise DataError(
             f"{path}: truncated: the data ends inside a record ({leftover} bytes after record {n_records})"
         )
+    if other_data:
+        log.warning("dbn_other_records_skipped", file=str(path), records=other_data)
     if not parts["record"]:
         raise DataError(f"{path}: holds no bars (DBN metadata, no OHLCV-1m records)")
-    return meta, {k: np.concatenate(v) for k, v in parts.items()}
+    return meta, {k: np.concatenate(v) for k, v in parts.items()}, in_stream
+
+
+def _decoder_failure(exc: BaseException) -> bool:
+    """An error of the decoder on bad bytes: its own DBNError, zstd's RuntimeError (checksum,
+    corrupt block), or a Rust panic on a malformed record (pyo3's PanicException, which derives
+    from BaseException)."""
+    return isinstance(exc, (DBNError, RuntimeError)) or type(exc).__name__ == "PanicException"
+
+
+def _event_ns(ts: np.ndarray) -> np.ndarray:
+    """uint64 ``ts_event`` values as int64 ns; -1 (unreadable: the row is refused as a bad
+    timestamp) for UNDEF_TIMESTAMP and anything past int64."""
+    out = ts.astype(np.int64)
+    out[ts > np.uint64(_INT64_MAX)] = -1
+    return out
 
 
 def _rtype_name(rtype: Any) -> str:
@@ -209,14 +278,79 @@ def names_instrument(symbol: str, root: str) -> bool:
     return s == r or s.startswith(r + ".") or contract is not None
 
 
+def _names_by_id(meta: Metadata, ids: list[int], in_stream: dict[int, set[str]]) -> dict[int, set[str]]:
+    """What names each instrument id where the metadata maps no symbols to instrument ids: a live
+    stream's in-stream mapping records, and for a file of one instrument the metadata's symbols
+    (and a raw-symbol mapping's targets)."""
+    names = {i: set(in_stream.get(i, ())) for i in ids}
+    if len(ids) == 1:
+        names[ids[0]].update(str(s) for s in meta.symbols or ())
+        for symbol, intervals in (meta.mappings or {}).items():
+            names[ids[0]].add(str(symbol))
+            names[ids[0]].update(str(iv["symbol"]) for iv in intervals)
+    return names
+
+
 def _pick(
-    path: Path, meta: Metadata, iid: np.ndarray, ts: np.ndarray, root: str | None, wanted: str | None
+    path: Path,
+    meta: Metadata,
+    iid: np.ndarray,
+    ts: np.ndarray,
+    root: str | None,
+    wanted: str | None,
+    in_stream: dict[int, set[str]] | None = None,
 ) -> tuple[str, np.ndarray]:
     """The symbol replayed and the rows that are its bars."""
     intervals = _symbol_intervals(meta)
     ids = sorted(set(iid.tolist()))
-    held = ", ".join(sorted(intervals)) or "no symbol mappings"
+    if intervals:
+        held = ", ".join(sorted(intervals))
+        where = f"{path} (dataset {meta.dataset}, instrument ids {', '.join(map(str, ids))}; symbols: {held})"
+        return _pick_mapped(where, intervals, iid, ts, ids, root, wanted)
+    names = _names_by_id(meta, ids, in_stream or {})
+    held = "; ".join(f"{i}: {', '.join(sorted(n))}" for i, n in names.items() if n) or "no symbol mappings"
     where = f"{path} (dataset {meta.dataset}, instrument ids {', '.join(map(str, ids))}; symbols: {held})"
+    if wanted is not None:
+        hits = [i for i in ids if wanted == str(i) or wanted in names[i]]
+        if len(hits) != 1:
+            what = "several instruments named" if hits else "no data.symbol"
+            raise DataError(f"{where}: holds {what} {wanted!r}; set data.symbol to an instrument id")
+        return wanted, iid == hits[0]
+    if root is None:
+        if len(ids) > 1:
+            raise DataError(f"{where}: several instruments; set data.symbol to the one to replay")
+        label = sorted(names[ids[0]])[0] if names[ids[0]] else str(ids[0])
+        return label, np.ones(len(iid), dtype=bool)
+    matches = [i for i in ids if any(names_instrument(s, root) for s in names[i])]
+    if len(matches) == 1:
+        label = sorted(s for s in names[matches[0]] if names_instrument(s, root))[0]
+        return label, iid == matches[0]
+    if matches:
+        raise DataError(
+            f"{where}: several instruments match instrument.symbol {root!r} "
+            f"({', '.join(map(str, matches))}); set data.symbol to the instrument id to replay"
+        )
+    if any(names.values()):
+        raise DataError(
+            f"{where}: none of its symbols is instrument.symbol {root!r}; set data.symbol to the one "
+            "to replay (or instrument.symbol)"
+        )
+    raise DataError(
+        f"{where}: nothing in the file names its instruments, so it cannot be checked to hold "
+        f"instrument.symbol {root!r}; set data.symbol to the instrument id to replay"
+    )
+
+
+def _pick_mapped(
+    where: str,
+    intervals: dict[str, list[tuple[int, int, int]]],
+    iid: np.ndarray,
+    ts: np.ndarray,
+    ids: list[int],
+    root: str | None,
+    wanted: str | None,
+) -> tuple[str, np.ndarray]:
+    """:func:`_pick` for a file whose metadata maps symbols to instrument ids over dates."""
     if wanted is not None:
         if wanted in intervals:
             chosen = wanted
@@ -224,7 +358,7 @@ def _pick(
             return wanted, iid == int(wanted)
         else:
             raise DataError(f"{where}: holds no data.symbol {wanted!r}")
-    elif intervals:
+    else:
         matches = sorted(s for s in intervals if root is None or names_instrument(s, root))
         if root is None and len(matches) > 1:
             raise DataError(f"{where}: several symbols; set data.symbol to the one to replay")
@@ -239,20 +373,16 @@ def _pick(
                 "data.symbol to the one to replay"
             )
         chosen = matches[0]
-    elif len(ids) == 1:
-        # no mappings to check the instrument against: the only one there is, said aloud
-        log.warning("dbn_instrument_unnamed", file=str(path), instrument_id=ids[0], symbols=meta.symbols)
-        return (meta.symbols[0] if len(meta.symbols) == 1 else str(ids[0])), np.ones(len(iid), dtype=bool)
-    else:
-        raise DataError(
-            f"{where}: several instruments and no symbol mappings to tell which is instrument.symbol "
-            f"{root!r}; set data.symbol to an instrument id"
-        )
     keep = np.zeros(len(iid), dtype=bool)
+    chosen_ids = set()
     for instrument_id, first, end in intervals[chosen]:
         keep |= (iid == instrument_id) & (ts >= first) & (ts < end)
+        chosen_ids.add(instrument_id)
     if not keep.any():
         raise DataError(f"{where}: holds no bars of {chosen!r} within its mapping dates")
+    # a record of the symbol's instrument whose time cannot be read is kept: refused, and counted,
+    # as a bad timestamp (its date cannot say which mapping interval it belongs to)
+    keep |= np.isin(iid, sorted(chosen_ids)) & (ts < 0)
     return chosen, keep
 
 

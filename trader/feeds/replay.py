@@ -175,6 +175,15 @@ class _Source:
         return f"{'line' if self.is_csv else 'row'} {self.first_line + i}"
 
 
+def _head(path: Path) -> bytes:
+    """The file's first bytes (b"" where it cannot be read: :func:`_read_file` says why)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
 def _read_file(path: Path, cfg: DataConfig) -> pl.DataFrame:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -447,7 +456,7 @@ def _iso(ts_ns: int, tz: str) -> str:
 def _load_file(
     fi: int, path: Path, cfg: DataConfig, tick_size: float | None, symbol: str | None = None
 ) -> dict[str, np.ndarray]:
-    if is_dbn(path):  # fixed fields, UTC ns, one instrument picked out of the file
+    if is_dbn(path, _head(path)):  # fixed fields, UTC ns, one instrument picked out of the file
         dbn = read_dbn(path, symbol, cfg.symbol)
         raw, names = dbn.frame, {f: f for f in FIELDS}
         src = _Source(path, False, 1, dbn.record)
