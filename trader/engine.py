@@ -196,6 +196,15 @@ class Column:
     def tolist(self) -> list[Any]:
         return np.asarray(self).tolist()
 
+    def set_last(self, value: Any) -> None:
+        """Replace the last value (there must be one)."""
+        if self._tail:
+            self._tail[-1] = value
+        elif self._n:
+            self._data[self._n - 1] = value
+        else:
+            raise IndexError("set_last on an empty column")
+
     def __iter__(self) -> Iterator[Any]:
         return iter(self.tolist())
 
@@ -248,6 +257,15 @@ class RunStats:
     # per decided bar (runs with an advisor): an LLM query was in flight
     llm_busy: Column = field(default_factory=lambda: Column(np.bool_))
     _unflushed: int = field(default=0, repr=False, compare=False)
+
+    def end_at(self, equity: float) -> None:
+        """The account's equity at the end of the run, after its last bar: what happened then (a
+        close at the end of a replay, fills that came in after the last bar) counts as the last
+        bar's, so the figures built from the equity column (net P&L, the last session's, drawdown)
+        are the account's final ones. The position column keeps what the last bar held (exposure).
+        The journal's reader does the same from the run's ``run_end`` account row."""
+        if len(self.equity):
+            self.equity.set_last(equity)
 
     def add_bar(
         self, ts_ns: int, equity: float, position: int, latency_ns: int, llm_busy: bool | None
@@ -415,7 +433,9 @@ class Engine:
         await self.broker.stop()
         self.apply_broker_events()
         ts = self.stats.ts_ns[-1] if self.stats.ts_ns else 0
-        self._record(rows.account(self.run_id, ts, self.portfolio.snapshot(), "run_end"))
+        pf = self.portfolio
+        self.stats.end_at(pf.balance_usd + pf.unrealized_usd)
+        self._record(rows.account(self.run_id, ts, pf.snapshot(), "run_end"))
         self._commit()
 
     async def abort(self) -> None:

@@ -304,7 +304,9 @@ def runs(path: str | Path) -> list[RunInfo]:
 
 @dataclass(frozen=True, slots=True)
 class DecisionSeries:
-    """Per decided bar of a run, in bar order (parallel lists): the account after the decision."""
+    """Per decided bar of a run, in bar order (parallel lists): the account after the decision;
+    the last bar's equity is the account's at the end of the run (its ``run_end`` row: a close at
+    the end of a replay, fills after the last bar), as the engine's own statistics have it."""
 
     bar_index: list[int]
     ts_ns: list[int]
@@ -326,9 +328,18 @@ def decision_series(path: str | Path, run_id: str) -> DecisionSeries:
                 strict=True,
             )
         )
+        end = con.execute(
+            "SELECT ts_ns, equity_usd FROM account WHERE run_id=? AND reason='run_end' "
+            "ORDER BY rowid DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
     if not cols:
         return DecisionSeries([], [], [], [], [], [])
-    return DecisionSeries(*(list(c) for c in cols))
+    series = DecisionSeries(*(list(c) for c in cols))
+    if end is not None and end[0] == series.ts_ns[-1] and end[1] is not None:
+        # the run ended after its last bar (a restart's later bars come after an earlier run_end)
+        series.equity_usd[-1] = end[1]
+    return series
 
 
 @dataclass(frozen=True, slots=True)
