@@ -317,6 +317,8 @@ class Engine:
         self.policy = policy
         # a policy that vouches for its own output (the ONNX one checks it) skips the engine's check
         self._check_choices = not getattr(policy, "validated_output", False)
+        # a rule policy with indicators of its own sees the warm-up bars too (its answer unused)
+        self._warm_policy = bool(getattr(policy, "sees_warmup", False))
         self.features = features
         self.journal = journal
         self.run_id = run_id
@@ -457,6 +459,8 @@ class Engine:
         if o is None:
             return
         if not o.ready:
+            if self._warm_policy:
+                self.policy.act(o)  # its indicators start with the data, as the features' do
             choice = WARMUP_CHOICE
         elif self._ahead is not None:
             choice = self._ahead.act(o)  # 5, answered from a batch over the coming bars (replay)

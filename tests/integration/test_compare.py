@@ -19,6 +19,7 @@ from tests.conftest import NQ, flat, make_settings
 from trader.domain import Action, Bar, Observed, Side
 from trader.errors import ConfigError
 from trader.policy.rules import BuyAndHold
+from trader.replay import replay
 from trader.research import stats
 from trader.research.compare import ARMS, arm_settings, run_compare
 from trader.research.stats import MIN_SESSIONS, bootstrap_mean_ci
@@ -135,6 +136,55 @@ def test_buy_and_hold_buys_when_flat_inside_the_entry_window_and_holds_otherwise
     no_buy = legal.copy()
     no_buy[Action.BUY] = False
     assert act(11 * 60, mask=no_buy) == Action.HOLD
+
+
+def oracle_ema(closes: np.ndarray, n: int) -> np.ndarray:
+    """EMA written out: NaN until the n-th value, the SMA of the first n there, then k = 2/(n+1)."""
+    out = np.full(len(closes), np.nan)
+    if len(closes) >= n:
+        out[n - 1] = closes[:n].mean()
+        k = 2.0 / (n + 1)
+        for t in range(n, len(closes)):
+            out[t] = out[t - 1] + k * (closes[t] - out[t - 1])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("fast", "slow", "end"), [(5, 30, "2023-11-21T17:00:00"), (20, 50, "2023-11-22T12:00:00")]
+)
+def test_ema_cross_trades_exactly_the_crosses_of_an_ema_over_every_bar_warm_up_included(
+    tmp_path, fast, slow, end
+):
+    """The rule's EMAs started cold at the first decided bar (it was not shown the warm-up bars)
+    and counted the first bar where EMA(slow) exists as a cross: it missed crosses and traded
+    where there was none. An EMA written out over every bar the engine took is the oracle."""
+    s = make_settings(
+        data={"paths": [str(NQ)], "end": end},
+        policy={"path": "trader.policy.rules:EmaCross", "options": {"fast": fast, "slow": slow}},
+    )
+    out = replay(s, journal_path=tmp_path / "j.sqlite")
+    got = rows(
+        out.journal_path,
+        "SELECT close, rl_action, position, method FROM decisions WHERE run_id=? ORDER BY bar_index",
+        out.run_id,
+    )
+    closes = np.array([g[0] for g in got])
+    diff = oracle_ema(closes, fast) - oracle_ema(closes, slow)
+    side = np.sign(diff)
+    decided = 0
+    for t, (_, rl_action, position, method) in enumerate(got):
+        if method == "warmup":
+            continue
+        decided += 1
+        known = t > 0 and not np.isnan(diff[t]) and not np.isnan(diff[t - 1])
+        want = Action.HOLD
+        if known and side[t] > 0 and side[t - 1] <= 0 and position < s.risk.max_contracts:
+            want = Action.BUY
+        elif known and side[t] < 0 and side[t - 1] >= 0 and -position < s.risk.max_contracts:
+            want = Action.SELL
+        assert rl_action == want, f"bar {t}: {rl_action} != {want.name}"
+    assert decided > 300 and len(got) > decided  # warm-up bars came first
+    assert sum(1 for g in got if g[1] in (Action.BUY, Action.SELL)) >= 4
 
 
 def test_the_cli_offers_the_arms_compare_runs():

@@ -1,8 +1,9 @@
 """Rule policies: baselines that run through the same engine, journal and report as the RL policy
 (``policy.path = "module:attr"``; ``strategies.rules`` re-exports these for the CLI).
 
-Each sees every accepted bar (warm-up included, so its indicators start with the data) and
-answers with certainty (probability 1 on its action). An action the mask forbids becomes HOLD.
+Each answers with certainty (probability 1 on its action); an action the mask forbids becomes
+HOLD. One with indicators of its own (``sees_warmup = True``: EmaCross) is also shown the warm-up
+bars, its answers unused, so its indicators start with the data as the features' do.
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ class BuyAndHold:
 class EmaCross:
     """BUY when EMA(fast) crosses above EMA(slow), SELL when it crosses below, else HOLD.
 
-    EMAs of the bar closes, seeded with the SMA of the first ``n`` closes (TA-Lib's EMA).
+    EMAs of every accepted bar's close (warm-up bars included), seeded with the SMA of the first
+    ``n`` closes (TA-Lib's EMA). A cross needs the side of both bars: the first bar on which
+    EMA(slow) exists is no cross, whatever its side.
     """
 
     name = "ema_cross"
+    sees_warmup = True
 
     def __init__(self, settings: Settings | None = None, fast: int = 20, slow: int = 50) -> None:
         if (
@@ -79,18 +83,19 @@ class EmaCross:
             raise ConfigError(f"policy.options: EmaCross needs 1 <= fast < slow (fast={fast}, slow={slow})")
         self.fast, self.slow = EMA(fast), EMA(slow)
         self.name = f"ema_cross_{fast}_{slow}"
-        self._side = 0.0  # sign of fast - slow on the previous bar (0 = not yet known)
+        self._side: float | None = None  # sign of fast - slow on the previous bar (None: unknown)
 
     def act(self, o: Observed) -> PolicyChoice:
         c = o.bar.close
         diff = self.fast.update(c) - self.slow.update(c)
-        side = 0.0 if diff != diff else (1.0 if diff > 0 else -1.0 if diff < 0 else 0.0)
+        side = None if diff != diff else (1.0 if diff > 0 else -1.0 if diff < 0 else 0.0)
         prev, self._side = self._side, side
         a = Action.HOLD
-        if side > 0 and prev <= 0 and diff == diff:
-            a = Action.BUY
-        elif side < 0 and prev >= 0 and diff == diff:
-            a = Action.SELL
+        if side is not None and prev is not None:
+            if side > 0 and prev <= 0:
+                a = Action.BUY
+            elif side < 0 and prev >= 0:
+                a = Action.SELL
         if not o.mask[a]:
             a = Action.HOLD
         return _certain(a)
