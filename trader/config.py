@@ -703,19 +703,20 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
 KeyPath = Sequence[str | int]
 
 
-def _unwrap(tp: Any) -> Any:
+def unwrap_type(tp: Any) -> Any:
     """The type under ``Annotated`` and ``X | None``; a real union stays a union."""
     if get_origin(tp) is Annotated:
-        return _unwrap(get_args(tp)[0])
+        return unwrap_type(get_args(tp)[0])
     if get_origin(tp) in (Union, types.UnionType):
         members = [a for a in get_args(tp) if a is not type(None)]
         if len(members) == 1:
-            return _unwrap(members[0])
+            return unwrap_type(members[0])
     return tp
 
 
-def _as_model(tp: Any) -> type[BaseModel] | None:
-    tp = _unwrap(tp)
+def model_type(tp: Any) -> type[BaseModel] | None:
+    """The settings section (a pydantic model) a field's annotation holds, or None."""
+    tp = unwrap_type(tp)
     return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
 
 
@@ -725,8 +726,8 @@ def _key_path(loc: Sequence[str | int]) -> list[str | int]:
     out: list[str | int] = []
     tp: Any = Settings
     for part in loc:
-        model = _as_model(tp)
-        base = _unwrap(tp)
+        model = model_type(tp)
+        base = unwrap_type(tp)
         if model is not None and isinstance(part, str):
             out.append(part)
             field = model.model_fields.get(part)
@@ -868,9 +869,15 @@ def _file_problems(values: Mapping[str, Any], file: Path) -> list[str]:
         for k in values
         if not (isinstance(k, str) and k in Settings.model_fields)
     ]
+    return problems + secret_problems(values, file)
+
+
+def secret_problems(values: Mapping[str, Any], file: Path) -> list[str]:
+    """Why ``values`` (nested settings, as a config file holds them) would put secrets in
+    ``file``: every secret field set, and notification URLs; the values are never repeated."""
+    problems: list[str] = []
     _secrets_in(values, Settings, [], file, problems)
-    problems += _notification_urls_in(values, file)
-    return problems
+    return problems + _notification_urls_in(values, file)
 
 
 def _notification_urls_in(values: Mapping[str, Any], file: Path) -> list[str]:
@@ -898,15 +905,15 @@ def _secrets_in(
         if field is None:
             continue
         here: list[str | int] = [*parts, key]
-        base = _unwrap(field.annotation)
-        sub = _as_model(base)
+        base = unwrap_type(field.annotation)
+        sub = model_type(base)
         if base is SecretStr:
             if value is not None and value != "":
                 out.append(_secret_refused(here, file))
         elif sub is not None and isinstance(value, Mapping):
             _secrets_in(value, sub, here, file, out)
         elif get_origin(base) is list and isinstance(value, list):
-            item_model = _as_model(get_args(base)[0])
+            item_model = model_type(get_args(base)[0])
             for i, item in enumerate(value):
                 if item_model is not None and isinstance(item, Mapping):
                     _secrets_in(item, item_model, [*here, i], file, out)
@@ -927,9 +934,9 @@ def _secret_refused(parts: KeyPath, file: Path) -> str:
 def _json_kind(tp: Any) -> str | None:
     """What a TRADER_* variable for a field of this type must hold: JSON for sections, lists and
     tables (pydantic-settings decodes them), nothing for scalars and unions with a scalar."""
-    if _as_model(tp) is not None:
+    if model_type(tp) is not None:
         return "a JSON object"
-    origin = get_origin(_unwrap(tp))
+    origin = get_origin(unwrap_type(tp))
     if origin is list:
         return "a JSON list"
     if origin is dict:
@@ -948,7 +955,7 @@ def _env_problems() -> list[str]:
         parts = up.removeprefix("TRADER_").lower().split("__")
         tp: Any = Settings
         for part in parts:
-            model, base = _as_model(tp), _unwrap(tp)
+            model, base = model_type(tp), unwrap_type(tp)
             if model is not None:
                 field = model.model_fields.get(part)
                 tp = None if field is None else field.annotation
@@ -968,7 +975,7 @@ def _env_problems() -> list[str]:
         except ValueError:
             key = ".".join(parts)
             example = "'[...]'" if "list" in kind else "'{\"key\": value}'"
-            if _as_model(tp) is not None:
+            if model_type(tp) is not None:
                 example += f", or one key at a time: {up}__<KEY>=value"
             problems.append(f"{key}: {_short(raw)} is not JSON (from {up}); it takes {kind}: {up}={example}")
     return problems

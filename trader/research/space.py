@@ -24,21 +24,36 @@ at start naming the key and the space file. Each value is checked with the other
 their first value (low end): a combination the configuration refuses elsewhere in the space
 (``execution.order_qty`` above ``risk.max_contracts``) fails only its own trial, which is recorded
 as failed with the error.
+
+Refused at start as well, since the sweep would silently run something else than the file says: a
+key given twice (quoted and as nested tables), a key inside another one (``fusion`` and
+``fusion.llm_weight``, among the parameters and ``[base]``), secrets (they go in the environment, as
+for a config file), ``journal.path`` (each trial journals to ``<sweep dir>/trials/<key>.sqlite``), a
+continuous range on a whole-number key, a listed value of another type than its key's (``"2"`` for
+a number, ``2.0`` for a whole number) and two listed values the configuration reads as one.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from trader.config import load_settings
+from trader.config import (
+    Settings,
+    load_settings,
+    model_type,
+    secret_problems,
+    unwrap_type,
+)
 from trader.errors import ConfigError
 
 SearchKind = Literal["grid", "random", "optuna"]
@@ -67,27 +82,30 @@ MAX_GRID_POINTS = 100_000
 @dataclass(frozen=True)
 class Distribution:
     """How one config key varies: ``grid``/``choice`` list values; ``int`` (both ends included),
-    ``uniform`` and ``loguniform`` give a range."""
+    ``uniform`` and ``loguniform`` give a range. An ``int`` range keeps its ends as ints (exact at
+    any size) and is never listed out: it can be two billion values wide."""
 
     kind: str
     values: tuple[Any, ...] = ()
     low: float = 0.0
     high: float = 0.0
 
-    def finite_values(self) -> tuple[Any, ...] | None:
-        """Every value a grid walks through, or None for a continuous range."""
+    def finite_values(self) -> Sequence[Any] | None:
+        """Every value a grid walks through (an ``int`` range as a lazy ``range``), or None for a
+        continuous range."""
         if self.kind in ("grid", "choice"):
             return self.values
         if self.kind == "int":
-            return tuple(range(int(self.low), int(self.high) + 1))
+            return range(int(self.low), int(self.high) + 1)
         return None
 
     def probe_values(self) -> tuple[Any, ...]:
         """The values checked against the configuration at start: each listed value, or both ends."""
-        finite = self.finite_values()
-        if finite is not None and self.kind != "int":
-            return finite
-        return (int(self.low), int(self.high)) if self.kind == "int" else (self.low, self.high)
+        if self.kind in ("grid", "choice"):
+            return self.values
+        if self.kind == "int":
+            return (int(self.low), int(self.high))
+        return (self.low, self.high)
 
 
 @dataclass(frozen=True)
@@ -113,28 +131,37 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` and ``{"a.b": 1}`` both as ``{"a.b": 1}``."""
+def _flatten(file: Path, table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``[base]``'s ``{"a": {"b": 1}}`` and ``{"a.b": 1}`` both as ``{"a.b": 1}``; the same key
+    written both ways is refused (TOML allows it: one is a quoted key, the other a table)."""
     out: dict[str, Any] = {}
     for k, v in table.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
+        leaves = _flatten(file, v, key + ".") if isinstance(v, Mapping) and v else {key: v}
+        for leaf, value in leaves.items():
+            if leaf in out:
+                raise _fail(file, f'base."{leaf}"', _TWICE)
+            out[leaf] = value
     return out
 
 
-def _param_tables(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+_TWICE = "is given twice (once quoted, once as nested tables or a dotted key); give it once"
+
+
+def _param_tables(file: Path, table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Leaves of ``[params]``: a table holding one distribution key ends a key path, so both
-    ``[params."a.b"]`` and ``[params.a.b]`` name the key ``a.b``."""
+    ``[params."a.b"]`` and ``[params.a.b]`` name the key ``a.b`` (both at once are refused)."""
     out: dict[str, Any] = {}
     for k, v in table.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and v and not any(kind in v for kind in KINDS):
-            out.update(_param_tables(v, key + "."))
+            leaves = _param_tables(file, v, key + ".")
         else:
-            out[key] = v
+            leaves = {key: v}
+        for leaf, spec in leaves.items():
+            if leaf in out:
+                raise _fail(file, f'params."{leaf}"', _TWICE)
+            out[leaf] = spec
     return out
 
 
@@ -170,7 +197,7 @@ def _distribution(path: Path, key: str, spec: Any) -> Distribution:
             raise _fail(path, f"{where}.int", f"expected two integers, got {raw!r}")
         if low > high:
             raise _fail(path, f"{where}.int", f"low {low} is above high {high}")
-        return Distribution("int", (), float(low), float(high))
+        return Distribution("int", (), low, high)
     if not low < high:
         raise _fail(path, f"{where}.{kind}", f"low {low} must be below high {high}")
     if kind == "loguniform" and low <= 0:
@@ -218,7 +245,7 @@ def load_space(path: str | Path) -> SweepSpace:
     params_table = raw.get("params")
     if not isinstance(params_table, Mapping) or not params_table:
         raise _fail(file, "params", 'no parameters: add tables like [params."fusion.llm_weight"]')
-    params = {k: _distribution(file, k, v) for k, v in _param_tables(params_table).items()}
+    params = {k: _distribution(file, k, v) for k, v in _param_tables(file, params_table).items()}
     base_dir = file.resolve().parent
     for key, dist in params.items():
         if key in PATH_KEYS and dist.values:
@@ -227,10 +254,13 @@ def load_space(path: str | Path) -> SweepSpace:
     base_table = raw.get("base", {})
     if not isinstance(base_table, Mapping):
         raise _fail(file, "base", f"expected a table, got {base_table!r}")
-    base = {k: _resolve_path(k, v, base_dir) for k, v in _flatten(base_table).items()}
-    for key in base:
-        if key in params:
-            raise _fail(file, f'base."{key}"', "is also a parameter; set it in one place")
+    base = {k: _resolve_path(k, v, base_dir) for k, v in _flatten(file, base_table).items()}
+    _check_overlaps(file, params, base)
+    for key, value in base.items():
+        _check_settable(file, f'base."{key}"', key, value)
+    for key, dist in params.items():
+        for value in dist.probe_values():
+            _check_settable(file, f'params."{key}"', key, value)
     metric, mode, search = raw.get("metric"), raw.get("mode"), raw.get("search")
     if metric is not None and metric not in METRICS:
         raise _fail(file, "metric", f"{metric!r} is not one of {', '.join(METRICS)}")
@@ -246,8 +276,48 @@ def load_space(path: str | Path) -> SweepSpace:
     return SweepSpace(file, params, base, metric, mode, search, trials, seed)
 
 
+def _check_overlaps(file: Path, params: Mapping[str, Any], base: Mapping[str, Any]) -> None:
+    """Refuse a key set twice, or inside another key, among the parameters and ``[base]``: which
+    of ``fusion = {...}`` and ``fusion.llm_weight`` a trial gets would depend on the merge order."""
+    keys = [(f'params."{k}"', k) for k in params] + [(f'base."{k}"', k) for k in base]
+    for i, (where, key) in enumerate(keys):
+        for other_where, other in keys[:i]:
+            if key == other:
+                raise _fail(file, where, "is also a parameter; set it in one place")
+            if key.startswith(other + ".") or other.startswith(key + "."):
+                raise _fail(
+                    file,
+                    where,
+                    f"overlaps {other_where} (one key holds the other); set each key in one place",
+                )
+
+
+def _check_settable(file: Path, where: str, key: str, value: Any) -> None:
+    """Refuse what a space file must not set: secrets (the same rule and words as a config file:
+    they go in the environment, and a space's values are written to sweep.json, the results and
+    the page) and ``journal.path``, which each trial sets to its own journal."""
+    problems = secrets_in(key, value, file)
+    if problems:
+        raise _fail(file, where, problems[0])
+    journal = nested({key: value}).get("journal")
+    if isinstance(journal, Mapping) and "path" in journal:
+        raise _fail(
+            file,
+            where,
+            "journal.path cannot be set in a sweep: each trial journals to "
+            "<sweep dir>/trials/<trial key>.sqlite",
+        )
+
+
+def secrets_in(key: str, value: Any, file: Path) -> list[str]:
+    """Why setting ``key`` (dotted) to ``value`` would put a secret in ``file``: the rule and the
+    words of a config file (:mod:`trader.config`), or nothing."""
+    return secret_problems(nested({key: value}), file)
+
+
 def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted keys as the nested overrides :func:`trader.config.load_settings` takes."""
+    """Dotted keys as the nested overrides :func:`trader.config.load_settings` takes. The values
+    are copied: nothing the caller holds is changed (``{"a": {...}, "a.b": 1}`` included)."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
         node = out
@@ -257,12 +327,13 @@ def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise ConfigError(f"{key}: {part} is a value, not a table")
             node = child
-        node[leaf] = value
+        node[leaf] = copy.deepcopy(value)
     return out
 
 
 def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested overrides merged left to right (later layers win, tables merge)."""
+    """Nested overrides merged left to right (later layers win, tables merge) into a new dict;
+    the layers are not changed."""
     out: dict[str, Any] = {}
     for layer in layers:
         for k, v in layer.items():
@@ -271,33 +342,156 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
             elif isinstance(v, Mapping):
                 out[k] = merge(v)
             else:
-                out[k] = v
+                out[k] = copy.deepcopy(v)
     return out
+
+
+def setting_annotation(parts: Sequence[str]) -> Any | None:
+    """The type annotation of the setting at ``parts`` (``["risk", "max_contracts"]``; keys of
+    table settings such as ``fusion.strategy_options`` included), or None when no setting is
+    there."""
+    tp: Any = Settings
+    for part in parts:
+        model, base = model_type(tp), unwrap_type(tp)
+        if model is not None:
+            found = model.model_fields.get(part)
+            tp = None if found is None else found.annotation
+        elif get_origin(base) is dict:
+            tp = get_args(base)[1]
+        else:
+            return None
+        if tp is None:
+            return None
+    return tp
+
+
+def _scalar_types(tp: Any) -> set[type]:
+    """The scalar types a setting's annotation takes (through ``Annotated``, unions and
+    ``Literal``)."""
+    if get_origin(tp) is Annotated:
+        return _scalar_types(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType):
+        return set().union(*(_scalar_types(a) for a in get_args(tp)))
+    if get_origin(tp) is Literal:
+        return {type(a) for a in get_args(tp)}
+    return {tp} if isinstance(tp, type) else set()
+
+
+def _takes_whole_numbers(key: str) -> bool:
+    kinds = _scalar_types(setting_annotation(key.split(".")))
+    return int in kinds and float not in kinds
+
+
+def _value_at(values: Any, key: str) -> tuple[bool, Any]:
+    for part in key.split("."):
+        if not isinstance(values, Mapping) or part not in values:
+            return False, None
+        values = values[part]
+    return True, values
+
+
+def _kind(v: Any, *, given: bool) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return "a whole number"
+    if isinstance(v, float):
+        return "a decimal number" if given else "a number"
+    if isinstance(v, str):
+        return "text"
+    return type(v).__name__
+
+
+def _brief(v: Any, show: Callable[[Any], str] = repr, limit: int = 80) -> str:
+    text = show(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _misread(raw: Any, read: Any, where: str) -> str | None:
+    """Why ``raw`` (from the space file) is not of the type the configuration holds there (``read``,
+    what it read ``raw`` as, in JSON form), or None. pydantic's lax reading turns ``"2"`` and
+    ``2.0`` into ``2``: refused, as two spellings of one value would run it twice under two trial
+    keys. A whole number for a decimal key is fine."""
+    if isinstance(raw, Mapping) and isinstance(read, Mapping):
+        for k, v in raw.items():
+            if k in read and (why := _misread(v, read[k], f"{where}.{k}")):
+                return why
+        return None
+    if isinstance(raw, list) and isinstance(read, list) and len(raw) == len(read):
+        for i, (a, b) in enumerate(zip(raw, read, strict=True)):
+            if why := _misread(a, b, f"{where}[{i}]"):
+                return why
+        return None
+    if isinstance(raw, bool) or isinstance(read, bool):
+        same = isinstance(raw, bool) and isinstance(read, bool)
+    elif isinstance(read, int):
+        same = isinstance(raw, int)
+    elif isinstance(read, float):
+        same = isinstance(raw, int | float)
+    elif isinstance(read, str):
+        same = isinstance(raw, str)
+    else:
+        same = True  # another shape: the configuration's own validation speaks for it
+    if same:
+        return None
+    return (
+        f"{raw!r} is {_kind(raw, given=True)}, but {where} takes {_kind(read, given=False)} "
+        f"(the configuration would read it as {_brief(read)}); write {_brief(read, json.dumps)}"
+    )
 
 
 def validate_space(space: SweepSpace, config: Path | None, overrides: Mapping[str, Any]) -> None:
     """Check every parameter value (each listed value, both ends of a range) against the
     configuration before anything runs: ``load_settings(config, overrides + base + point)`` where
     the point holds that value and every other parameter at its first value (low end). An unknown
-    key or a refused value is a :class:`ConfigError` naming the key and the space file."""
+    key, a refused value, a value of another type than its key's (``"2"`` for a number), two listed
+    values the configuration reads as one, or a continuous range on a whole-number key is a
+    :class:`ConfigError` naming the key and the space file."""
     where = f" (in {space.path})"
     reference = {k: d.probe_values()[0] for k, d in space.params.items()}
 
-    def attempt(label: str, point: Mapping[str, Any]) -> None:
+    def attempt(label: str, point: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            load_settings(config, merge(overrides, nested(space.base), nested(point)))
+            settings = load_settings(config, merge(overrides, nested(space.base), nested(point)))
         except ConfigError as exc:
             text = str(exc).replace(" (from the command line)", where)
             raise ConfigError(f"sweep space {space.path}: {label}: {text}") from None
+        dumped: dict[str, Any] = settings.model_dump(mode="json")
+        return dumped
 
+    for key, dist in space.params.items():
+        if dist.kind in ("uniform", "loguniform") and _takes_whole_numbers(key):
+            raise _fail(
+                space.path,
+                f'params."{key}".{dist.kind}',
+                f"{key} takes whole numbers and {dist.kind} draws fractions: use "
+                f"int = [{math.ceil(dist.low)}, {math.floor(dist.high)}]",
+            )
     try:
         load_settings(config, merge(overrides, nested(space.base)))
     except ConfigError as exc:
         text = str(exc).replace(" (from the command line)", where)
         raise ConfigError(f"sweep space {space.path}: [base]: {text}") from None
     for key, dist in space.params.items():
+        read_as: dict[str, Any] = {}  # what the configuration reads each listed value as -> the value
         for value in dist.probe_values():
-            attempt(f'params."{key}" = {value!r}', {**reference, key: value})
+            settings = attempt(f'params."{key}" = {value!r}', {**reference, key: value})
+            found, read = _value_at(settings, key)
+            if not found:
+                continue
+            why = _misread(value, read, key)
+            if why:
+                raise _fail(space.path, f'params."{key}".{dist.kind}', why)
+            canon = json.dumps(read, sort_keys=True)
+            if dist.kind in ("grid", "choice") and canon in read_as:
+                raise _fail(
+                    space.path,
+                    f'params."{key}".{dist.kind}',
+                    f"{_brief(read_as[canon])} and {_brief(value)} are the same value of {key} (the "
+                    f"configuration reads both as {_brief(read)}): the same trial would run twice; list "
+                    "it once",
+                )
+            read_as[canon] = value
 
 
 def trial_key(params: Mapping[str, Any]) -> str:
@@ -310,7 +504,7 @@ def trial_key(params: Mapping[str, Any]) -> str:
 def grid_points(space: SweepSpace) -> list[dict[str, Any]]:
     """The product of every parameter's values, in file order (the last key varies fastest).
     Continuous ranges cannot be walked: they are refused, naming the key."""
-    axes: list[tuple[Any, ...]] = []
+    axes: list[Sequence[Any]] = []
     for key, dist in space.params.items():
         values = dist.finite_values()
         if values is None:
@@ -321,7 +515,7 @@ def grid_points(space: SweepSpace) -> list[dict[str, Any]]:
                 "(or use --search random / optuna)",
             )
         axes.append(values)
-    count = math.prod(len(a) for a in axes)
+    count = math.prod(len(a) for a in axes)  # len of an int range is arithmetic, nothing is listed
     if count > MAX_GRID_POINTS:
         raise _fail(space.path, "params", f"the grid has {count:,} points (at most {MAX_GRID_POINTS:,})")
     keys = list(space.params)

@@ -12,8 +12,10 @@ same points) whose trial key is already ``ok`` are not run again, failed ones ar
 Optuna is told every finished trial (``points_to_evaluate`` + ``evaluated_rewards``) and runs
 ``trials`` minus the ones already ok, its sampler seeded with ``seed`` + that count so it draws new
 points (a point Optuna proposes twice is replayed again and keeps one row). The setup (space, base
-overrides, config file contents, data, dates, search, seed, metric) is kept in ``sweep.json``; a
-rerun with a different setup is refused, since its results would not compare.
+overrides, config file contents, data, dates, search, seed, metric, the ``TRADER_*`` variables that
+set settings, secrets by name only) is kept in ``sweep.json``; a rerun with a different setup is
+refused, since its results would not compare. Nothing is written before the space, its points and
+the configuration have passed their checks.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, get_origin
 
 from trader import __version__
-from trader.config import load_settings
+from trader.config import load_settings, model_type, unwrap_type
 from trader.errors import ConfigError, DataError, TraderError
 from trader.research.ray_runtime import RayRuntime, check_workers, connect
 from trader.research.space import (
@@ -52,6 +54,8 @@ from trader.research.space import (
     objective,
     optuna_distribution,
     random_points,
+    secrets_in,
+    setting_annotation,
     trial_key,
     validate_space,
 )
@@ -556,6 +560,31 @@ class _Plan:
     seed: int
     overrides: dict[str, Any]
     setup: dict[str, Any]
+    points: list[dict[str, Any]]  # grid and random: every point, deduplicated; optuna: none
+
+
+def settings_environment() -> dict[str, str | None]:
+    """The ``TRADER_*`` variables that set a setting (every trial's ``load_settings`` reads them),
+    by name in upper case, with their values. One holding a secret (the rule of a config file: a
+    secret field, or a section or list holding one set) is recorded by name only (None)."""
+    out: dict[str, str | None] = {}
+    for name, raw in os.environ.items():
+        up = name.upper()
+        if not up.startswith("TRADER_"):
+            continue
+        parts = up.removeprefix("TRADER_").lower().split("__")
+        tp = setting_annotation(parts)
+        if tp is None:
+            continue  # not a setting (TRADER_CONTROL_TOKEN, TRADER_NOTIFY_URLS)
+        value: Any = raw
+        if model_type(tp) is not None or get_origin(unwrap_type(tp)) in (list, dict):
+            try:
+                value = json.loads(raw)  # pydantic-settings decodes sections, lists and tables
+            except ValueError:
+                out[up] = None  # load_settings refuses it; whatever it holds, it is not recorded
+                continue
+        out[up] = None if secrets_in(".".join(parts), value, Path(up)) else raw
+    return dict(sorted(out.items()))
 
 
 def _plan(req: SweepRequest) -> _Plan:
@@ -603,8 +632,19 @@ def _plan(req: SweepRequest) -> _Plan:
         "metric": metric,
         "mode": mode,
     }
+    environment = settings_environment()
+    if environment:  # left out when empty: a sweep begun before it was recorded can continue
+        setup["environment"] = environment
+    # built (and checked: a continuous range in a grid, too many points) before sweep.json is
+    # written, so a refused space leaves nothing that would refuse its corrected rerun
+    points: list[dict[str, Any]] = []
+    if search == "grid":
+        points = _dedupe(grid_points(space))
+    elif search == "random":
+        points = _dedupe(random_points(space, trials, seed))
     # JSON round trip: tuples as lists, so a setup compares equal to the one read back
-    return _Plan(space, search, metric, mode, trials, seed, overrides, json.loads(json.dumps(setup)))
+    setup = json.loads(json.dumps(setup))
+    return _Plan(space, search, metric, mode, trials, seed, overrides, setup, points)
 
 
 def _check_setup(paths: SweepPaths, plan: _Plan, sweep_id: str) -> None:
@@ -665,11 +705,7 @@ def run_sweep(
         skipped = min(len(done), plan.trials)
         planned = plan.trials
     else:
-        all_points = _dedupe(
-            grid_points(plan.space)
-            if plan.search == "grid"
-            else random_points(plan.space, plan.trials, plan.seed)
-        )
+        all_points = plan.points
         points = [p for p in all_points if trial_key(p) not in done]
         to_run, skipped, planned = len(points), len(all_points) - len(points), len(all_points)
 
