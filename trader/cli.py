@@ -276,8 +276,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.data, args.repeat)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: ``--llm off`` to ``trader compare`` was taken as
+    ``--llm-journal off``. An option is written whole or refused (the subcommands' parsers are of
+    this class too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="trader", description="Hybrid RL + LLM trading daemon.")
+    ap = _Parser(prog="trader", description="Hybrid RL + LLM trading daemon.")
     ap.add_argument("--version", action="version", version=f"trader {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 

@@ -70,3 +70,18 @@ def test_replay_asks_on_entries_unless_the_flag_the_config_or_the_environment_sa
     assert _replay_schedule("--config", str(named), "--llm-schedule", "entries") == "entries"
     monkeypatch.setenv("TRADER_ADVISOR__SCHEDULE", "interval")
     assert _replay_schedule() == "interval"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "--llm", "off"],  # was read as --llm-journal off
+        ["replay", "--jour", "j.sqlite"],
+        ["sweep", "--space", "s.toml", "--work", "2"],
+        ["walk-forward", "--train-days", "3", "--test-days", "2", "--time", "100"],
+    ],
+)
+def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
