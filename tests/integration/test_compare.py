@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import NQ, flat, make_settings
 from trader.domain import Action, Bar, Observed, Side
-from trader.errors import ConfigError
+from trader.errors import ConfigError, DataError
 from trader.policy.rules import BuyAndHold
 from trader.replay import replay
 from trader.research import stats
@@ -380,3 +380,31 @@ def test_the_outputs_hold_the_per_session_pnl_the_differences_and_the_verdicts(c
     assert df["pnl_flat"].to_list() == [0.0, 0.0]
     page = result.files["plot"].read_text()
     assert "<script src=" not in page and "llm_only" in page  # plotly.js inline: no network needed
+
+
+def test_walk_forward_windows_that_split_or_share_a_session_are_refused():
+    """A hand-edited walkforward.json whose windows meet inside a session counted that session
+    twice (six sessions of five) in the bootstrap."""
+    from trader.research.compare import windows_from_walk_forward
+    from trader.research.walkforward import index_data
+
+    index = index_data(make_settings(data={"paths": [str(NQ)]}))
+
+    def summary(*bounds: tuple[str, str | None]) -> dict:
+        return {
+            "windows": [
+                {"window": k, "test_from": a, "test_to": b, "policy": "p.onnx"}
+                for k, (a, b) in enumerate(bounds)
+            ]
+        }
+
+    apart = windows_from_walk_forward(
+        index, summary(("2023-11-27T18:00:00", "2023-11-29T18:00:00"), ("2023-11-29T18:00:00", None))
+    )
+    assert [w.index for w in apart] == [0, 1]
+    for bounds in (
+        (("2023-11-27T18:00:00", "2023-11-29T12:00:00"), ("2023-11-29T12:00:00", None)),  # split
+        (("2023-11-27T18:00:00", "2023-11-30T12:00:00"), ("2023-11-29T18:00:00", None)),  # overlap
+    ):
+        with pytest.raises(DataError, match=r"overlap or share a session"):
+            windows_from_walk_forward(index, summary(*bounds))

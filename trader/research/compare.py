@@ -55,6 +55,7 @@ sessions"): a bootstrap of two or three values only restates their spread.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
@@ -193,7 +194,28 @@ def windows_from_walk_forward(index: DataIndex, summary: dict[str, Any]) -> list
                 "not fit the data given (use the walk-forward run's data files)"
             )
         out.append(CompareWindow(int(w["window"]), first, end, str(w["policy"])))
+    _check_windows_apart(index, out)
     return out
+
+
+def _check_windows_apart(index: DataIndex, windows: list[CompareWindow]) -> None:
+    """Windows that overlap, or share a session (one ends inside the session the next begins
+    in), would count bars or a session twice in the per-session P&L and the bootstrap: refused."""
+    starts = [s.first_row for s in index.sessions]
+
+    def session_of(row: int) -> int | None:
+        k = bisect.bisect_right(starts, row) - 1
+        return index.sessions[k].session_id if k >= 0 and row < index.sessions[k].end_row else None
+
+    ordered = sorted(windows, key=lambda w: w.first_row)
+    for a, b in itertools.pairwise(ordered):
+        shared = session_of(a.end_row - 1)
+        if b.first_row < a.end_row or (shared is not None and shared == session_of(b.first_row)):
+            raise DataError(
+                f"compare: walk-forward windows {a.index} ({index.iso(a.first_row)} ..) and {b.index} "
+                f"({index.iso(b.first_row)} ..) overlap or share a session: each session must be in "
+                "one window only (use the walk-forward run's own walkforward.json)"
+            )
 
 
 def _ns(value: str, tz: str, key: str) -> int:
