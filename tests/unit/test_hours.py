@@ -190,3 +190,33 @@ def test_truly_invalid_hours_are_refused_naming_the_keys(instrument, named):
         load_settings(None, {"instrument": instrument})
     for text in named:
         assert text in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("hours", "local", "day"),
+    [
+        ({"session_open": "18:00", "session_close": "17:00"}, "2023-11-20T19:00", "2023-11-21"),
+        ({"session_open": "18:00", "session_close": "17:00"}, "2023-11-21T10:00", "2023-11-21"),
+        (
+            {"session_open": "09:30", "session_close": "16:00", "trade_start": "09:30", "trade_end": "15:45",
+             "flatten_at": "15:55"},
+            "2023-11-20T10:00", "2023-11-20",
+        ),
+        (
+            {"session_open": "00:00", "session_close": "24:00", "trade_start": "00:00", "trade_end": "24:00",
+             "flatten_at": "off"},
+            "2023-11-20T23:59", "2023-11-20",
+        ),
+    ],
+)  # fmt: skip
+def test_a_session_is_named_by_the_local_day_it_ends_on(hours, local, day):
+    """A 09:30-16:00 or 00:00-24:00 session was named by the next day (the +1 of a session that
+    wraps past midnight was added to every session): the report's table showed Monday as Tuesday."""
+    from datetime import date, datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    ts = int(datetime.fromisoformat(local).replace(tzinfo=ZoneInfo("America/New_York")).timestamp()) * 10**9
+    c = clock(**hours)
+    sid = c.session_id(ts)
+    assert date(1970, 1, 1) + timedelta(days=sid) == date.fromisoformat(day)
+    assert int(c.session_id_batch(np.array([ts]))[0]) == sid

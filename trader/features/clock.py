@@ -21,7 +21,9 @@ class SessionClock:
     """Maps UTC ns timestamps to exchange-local minutes and trading-session ids.
 
     A trading session starts at ``session_open`` local time (18:00 ET for CME Globex) and its id
-    is the local calendar day on which it ends. Minutes are of the local day, 0..1439; the entry
+    is the local calendar day on which it ends: the day after the open for a session that wraps
+    past midnight (18:00-17:00), the day of the open for one that does not (09:30-16:00,
+    00:00-24:00). Minutes are of the local day, 0..1439; the entry
     window and the flatten period may wrap past midnight (entries 18:00-16:00), so membership is
     tested modulo a day, never with a plain ``start <= minute < end``.
     """
@@ -30,6 +32,10 @@ class SessionClock:
         self.tz = ZoneInfo(instrument.timezone)
         self.session_open_min = hhmm_minutes(instrument.session_open)
         self.session_close_min = hhmm_minutes(instrument.session_close) % 1440  # "24:00" = 0
+        # the session ends on the day after its open only when it wraps past midnight (a session
+        # from 00:00 ends on its own day, at 24:00, whatever its close is written as)
+        wraps = 0 < self.session_open_min >= hhmm_minutes(instrument.session_close)
+        self._session_shift = 1 if wraps else 0
         self.trade_start_min = hhmm_minutes(instrument.trade_start)
         self.trade_end_min = hhmm_minutes(instrument.trade_end)  # 1440 for "24:00"
         self.entry_window_min = window_minutes(instrument.trade_start, instrument.trade_end)
@@ -71,7 +77,7 @@ class SessionClock:
         return self.session_of_local(self.local_s(ts_ns))
 
     def session_of_local(self, local_s: int) -> int:
-        return (local_s - self.session_open_min * 60) // 86400 + 1
+        return (local_s - self.session_open_min * 60) // 86400 + self._session_shift
 
     def in_entry_window(self, minute: int) -> bool:
         """True from trade_start until trade_end (exclusive), across midnight when it wraps."""
@@ -92,7 +98,7 @@ class SessionClock:
         return ts_ns // NS + offs[inv]
 
     def session_id_batch(self, ts_ns: np.ndarray) -> np.ndarray:
-        return (self.local_s_batch(ts_ns) - self.session_open_min * 60) // 86400 + 1
+        return (self.local_s_batch(ts_ns) - self.session_open_min * 60) // 86400 + self._session_shift
 
     def in_entry_window_batch(self, minute: np.ndarray) -> np.ndarray:
         """:meth:`in_entry_window` for an array of minutes of the day (bool array)."""
