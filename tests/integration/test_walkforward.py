@@ -185,3 +185,51 @@ def test_overlapping_test_windows_and_too_few_sessions_are_refused():
     with pytest.raises(DataError, match="6 tradable sessions"):
         plan_windows(index, 5, 2)
     assert [w.index for w in plan_windows(index, 2, 1)] == [0, 1, 2, 3]
+
+
+def test_an_out_directory_holding_a_walk_forward_is_refused_before_any_training(walked):
+    """Rerunning into the same --out overwrote the windows' policies under the old
+    walkforward.json (compare then read new policies with old windows) and died at the journal's
+    run ids after all the training."""
+    _, out = walked
+    summary = out / "seq" / "walkforward.json"
+    before = summary.read_bytes()
+    with pytest.raises(
+        ConfigError, match=r"holds an earlier walk-forward \(journal.sqlite, walkforward.json"
+    ):
+        run_walk_forward(
+            settings(),
+            TrainConfig(checkpoint_every=0, **TINY),
+            train_days=2,
+            test_days=3,
+            workers=1,
+            data_paths=[NQ],
+            out_dir=out / "seq",
+            run_id="wf-test",
+        )
+    assert summary.read_bytes() == before
+
+
+def test_a_last_window_cut_by_to_records_the_cut_not_the_end_of_the_data(tmp_path):
+    """With --to, the last window's test_to was written as null, which compare --walk-forward
+    reads as "to the end of the file": it replayed 3 sessions where the walk-forward tested 2."""
+    from trader.research.compare import windows_from_walk_forward
+
+    cut = "2023-12-01T12:00:00"
+    result = run_walk_forward(
+        make_settings(data={"start": FROM, "end": cut}),
+        TrainConfig(checkpoint_every=0, **TINY),
+        train_days=2,
+        test_days=3,
+        workers=1,
+        data_paths=[NQ],
+        out_dir=tmp_path / "cut",
+        run_id="wf-cut",
+    )
+    summary = json.loads((tmp_path / "cut" / "walkforward.json").read_text())
+    (last,) = summary["windows"]
+    assert last["test_to"] is not None and last["test_to"].startswith(cut)
+    index = index_data(settings(), [NQ])  # compare reads the whole file
+    (window,) = windows_from_walk_forward(index, summary)
+    assert int(index.ts_ns[window.end_row - 1]) < bound_ns(cut, index.tz) <= int(index.ts_ns[window.end_row])
+    assert window.end_row - window.first_row == len(result.stitched.ts_ns)

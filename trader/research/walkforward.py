@@ -59,7 +59,7 @@ from trader.engine import RunStats
 from trader.errors import ConfigError, DataError, TraderError
 from trader.features.clock import SessionClock
 from trader.features.warmup import warmup_bars
-from trader.feeds.replay import load_bars
+from trader.feeds.replay import bound_ns, load_bars
 
 if TYPE_CHECKING:  # torch loads only where training runs
     from trader.train.ppo import TrainConfig, TrainedPolicy
@@ -429,6 +429,26 @@ def new_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
+def _check_out_dir(out: Path) -> None:
+    """Refuse a directory that holds an earlier walk-forward: its windows' policies would be
+    overwritten under its walkforward.json (which compare reads), or its journal would refuse the
+    run ids after all the training."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"walk-forward --out {out}: is a file, not a directory")
+    earlier = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name in ("walkforward.json", "journal.sqlite") or p.name.startswith("window-")
+    )
+    if earlier:
+        raise ConfigError(
+            f"walk-forward --out {out}: holds an earlier walk-forward ({', '.join(earlier[:4])}"
+            f"{' ...' if len(earlier) > 4 else ''}); choose another --out (or --id), or remove it"
+        )
+
+
 def run_walk_forward(
     settings: Settings,
     train_config: TrainConfig,
@@ -453,9 +473,14 @@ def run_walk_forward(
 
     wid = run_id or new_id()
     out = Path(out_dir or Path("runs") / "walkforward" / wid).resolve()
+    _check_out_dir(out)
     base = settings.model_copy(update={"advisor": settings.advisor.model_copy(update={"mode": "off"})})
     index = index_data(base, data_paths)
     windows = plan_windows(index, train_days, test_days, step)
+    # where the last window's test ends when it runs to the last bar: the end --to set (compare
+    # replays exactly these windows), else the end of the data (None)
+    end_ns = bound_ns(base.data.end, index.tz, "data.end")
+    data_end = None if end_ns is None else iso(end_ns, index.tz)
     n_workers = default_workers(len(windows)) if workers is None else max(1, workers)
     progress(
         f"walk-forward {wid}: {len(index.sessions)} sessions, {len(windows)} windows "
@@ -469,7 +494,9 @@ def run_walk_forward(
         train_to = index.iso(w.test_first_row)
         t_settings = window_settings(base, index, w.train_first_row, w.test_first_row)
         cfg = replace(train_config, train_from=index.iso(w.train_first_row), train_to=train_to)
-        test_to = index.iso(w.test_end_row) if w.test_end_row < len(index.ts_ns) else "end of data"
+        test_to = (
+            index.iso(w.test_end_row) if w.test_end_row < len(index.ts_ns) else data_end or "end of data"
+        )
         meta = {
             "trained_by": "trader walk-forward (sb3-contrib MaskablePPO on trader.train.env.TradingEnv)",
             "walk_forward_id": wid,
@@ -544,7 +571,7 @@ def run_walk_forward(
                 "test_from": index.iso(r.window.test_first_row),
                 "test_to": index.iso(r.window.test_end_row)
                 if r.window.test_end_row < len(index.ts_ns)
-                else None,
+                else data_end,
                 "train_from": index.iso(r.window.train_first_row),
                 "segment_net_pnl": r.segment.net_pnl,
             }
