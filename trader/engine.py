@@ -23,7 +23,7 @@ import structlog
 from trader.config import Settings
 from trader.controls import Controls
 from trader.decision.mask import ActionMasker
-from trader.decision.risk import RiskEngine
+from trader.decision.risk import RiskContext, RiskEngine
 from trader.domain import (
     ACTION_NAMES,
     N_ACTIONS,
@@ -356,6 +356,7 @@ class Engine:
         self._in_bar = False  # between observe() and the bar's commit
         self._pending_controls: list[tuple[Row, str | None]] = []
         self._catching_up = False
+        self._first_index = first_index
         self._redriving = False  # recovery: no journal, no advisor
         # recovery of a live run: the journaled fills, each with the stop it left working
         self._given_fills: list[tuple[Fill, float | None]] | None = None
@@ -478,6 +479,7 @@ class Engine:
         _BAR_CLOCK.ts_ns = bar.ts_ns
         self.features.update(bar)
         self.portfolio.mark_bar(bar, self.clock.session_of_local(self.clock.local_s(bar.ts_ns)))
+        self.portfolio.held_over = False  # history bars never flatten what the broker holds
         self.primed += 1
         self.last_bar = bar
         if self.journal_bars:
@@ -560,6 +562,20 @@ class Engine:
             probs = WARMUP_CHOICE.probs
             decision = _WARMUP
         ctx = self.controls.risk_context(bar.ts_ns, o.minute_of_day, self.features.context, self._catching_up)
+        if pf.held_over:  # rare: a position outlived its session (Portfolio.mark_bar)
+            # flattened as on an operator's request; not a position adopted before the first bar
+            pf.held_over = pf.position != 0 and i != self._first_index
+            if pf.held_over:
+                ctx = RiskContext(
+                    ctx.ts_ns,
+                    ctx.minute_of_day,
+                    ctx.market,
+                    ctx.halted,
+                    ctx.halt_reason,
+                    ctx.catching_up,
+                    flatten="held_over_session_close",
+                    kill_switch=ctx.kill_switch,
+                )
         verdict = self.risk.review(decision.action, snap, ctx)  # 8
         if verdict.action == Action.HOLD and not verdict.flatten:
             plan = None  # 9: what the planner plans for a HOLD that flattens nothing (most bars)
@@ -726,6 +742,9 @@ class Engine:
             o = self.observe(bar, row)
             if o is None:
                 return False
+            pf = self.portfolio
+            if pf.held_over:  # as decide() leaves it (the journaled verdict has its flatten)
+                pf.held_over = pf.position != 0 and o.bar_index != self._first_index
             await self._carry_out(o, self.planner.plan(verdict, o.snapshot, self.features.atr, o.bar_index))
             latency = time.perf_counter_ns() - o.t0_ns
             a = verdict.action
@@ -870,6 +889,8 @@ class Engine:
             self.journal.commit_point()
 
     def _reject(self, bar: Bar | None, row: int, reason: str) -> None:
+        if bar is not None:
+            _BAR_CLOCK.ts_ns = bar.ts_ns  # the log line's bar time is the rejected bar's
         rej = self.stats.rejected
         rej[reason] = rej.get(reason, 0) + 1
         self._reject_seq += 1

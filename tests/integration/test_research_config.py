@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.conftest import make_settings, write_policy
+from tests.conftest import NQ, make_settings, write_policy
 from trader.features.layout import build_layout
 from trader.replay import ReplayOutcome, replay
 
@@ -140,3 +140,35 @@ def test_auto_warmup_holds_back_exactly_the_bars_the_layout_needs(tmp_path, use_
 def test_the_default_warmup_is_still_960_bars(tmp_path):
     out, db = run(tmp_path, "default", features={}, policy=EMA_CROSS)
     assert rows(db, "SELECT count(*) FROM decisions WHERE method = 'warmup'")[0][0] == 960 == out.warmup_bars
+
+
+# -- an early close ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_mode", ["none", "atr"])
+def test_a_position_open_at_an_early_close_is_flattened_on_the_next_sessions_first_bar(tmp_path, stop_mode):
+    """Thanksgiving 2023: CME closed NQ at 13:00 ET, before flatten_at (15:55), so the session
+    flatten never came: a buy-and-hold long was carried into the next session (until a stop, or
+    without one until the next day's loss limit, -$1,024.50). It is now flattened on the next
+    session's first bar, and the session table names each session by the day it ends."""
+    out, db = run(
+        tmp_path,
+        "thanksgiving",
+        data={"paths": [str(NQ)], "start": "2023-11-22T18:00:00", "end": "2023-11-24T12:00:00"},
+        policy={"path": "trader.policy.rules:BuyAndHold"},
+        execution={"stop_mode": stop_mode},
+    )
+    assert out.status == "completed"
+    trades = rows(db, "SELECT entry_ts_ns, exit_ts_ns, exit_reason FROM trades ORDER BY seq")
+    held = [t for t in trades if datetime.fromtimestamp(t[0] / 1e9, NY).date().isoformat() == "2023-11-23"]
+    assert held, "buy-and-hold bought on Thanksgiving morning"
+    _, exit_, reason = held[-1]
+    exit_local = datetime.fromtimestamp(exit_ / 1e9, NY)
+    if reason != "flatten:held_over_session_close":  # a stop before the early close: nothing held over
+        assert exit_local.hour < 13, (reason, exit_local)
+    else:
+        assert (exit_local.date().isoformat(), exit_local.hour, exit_local.minute) == ("2023-11-23", 18, 1)
+    for ts, position in rows(db, "SELECT ts_ns, position FROM decisions ORDER BY bar_index"):
+        local = datetime.fromtimestamp(ts / 1e9, NY)
+        if local.date().isoformat() == "2023-11-23" and (local.hour, local.minute) >= (18, 2):
+            assert position == 0, local

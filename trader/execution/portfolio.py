@@ -33,6 +33,10 @@ class Portfolio:
         self.threshold_usd = min(self.peak_equity_usd - self.dd_limit, self.lock_level)
         self.session_id = -1
         self.session_start_equity = acct.starting_balance_usd
+        # a position still open when its session ended although flatten_at is set (an early close:
+        # a holiday's 13:00, a gap in the data): the engine has the risk engine flatten it
+        self.held_over = False
+        self._flattens = settings.instrument.flatten_at != "off"
         self.daily_trades = 0
         # protection state mirrored from the working stop
         self.stop_price: float | None = None
@@ -164,6 +168,8 @@ class Portfolio:
     def mark_bar(self, bar: Bar, session_id: int) -> None:
         """Mark to the bar's close; trail the drawdown peak with the bar's favourable extreme."""
         if session_id != self.session_id:
+            if self.position and self._flattens and self.session_id >= 0:
+                self.held_over = True
             self.session_id = session_id
             self.session_start_equity = self.balance_usd + self.unrealized_usd
             self.daily_trades = 0
