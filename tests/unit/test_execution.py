@@ -234,3 +234,23 @@ def test_flatten_verdict_closes_the_whole_position():
         .orders
     )
     assert (o.side, o.qty, o.purpose) == (Side.BUY, 2, "flatten:kill_switch")
+
+
+@pytest.mark.parametrize(("flatten_at", "held"), [("15:55", True), ("off", False)])
+def test_a_position_open_when_its_session_ends_is_marked_held_over_unless_flatten_is_off(flatten_at, held):
+    p = Portfolio(make_settings(instrument={"flatten_at": flatten_at}))
+    p.mark_bar(bar(0, 16000, 16001, 15999, 16000), session_id=100)
+    assert not p.held_over
+    p.apply_fill(fill(Side.BUY, 1, 16000.0))
+    p.mark_bar(bar(1, 16000, 16001, 15999, 16000), session_id=100)
+    assert not p.held_over  # the same session
+    p.mark_bar(bar(2, 16000, 16001, 15999, 16000), session_id=101)
+    assert p.held_over is held
+    flat = Portfolio(make_settings())
+    flat.mark_bar(bar(0, 16000, 16001, 15999, 16000), session_id=100)
+    flat.mark_bar(bar(1, 16000, 16001, 15999, 16000), session_id=101)
+    assert not flat.held_over  # nothing open
+    adopted = Portfolio(make_settings())
+    adopted.apply_fill(fill(Side.BUY, 1, 16000.0))  # before any bar (a broker's position taken over)
+    adopted.mark_bar(bar(0, 16000, 16001, 15999, 16000), session_id=100)
+    assert not adopted.held_over  # no session had ended yet
