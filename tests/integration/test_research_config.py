@@ -172,3 +172,87 @@ def test_a_position_open_at_an_early_close_is_flattened_on_the_next_sessions_fir
         local = datetime.fromtimestamp(ts / 1e9, NY)
         if local.date().isoformat() == "2023-11-23" and (local.hour, local.minute) >= (18, 2):
             assert position == 0, local
+
+
+class BuyAt:
+    """BUY on the bar at ``at`` (local time), HOLD otherwise: a position decided on the last bar
+    before an early close, filled at the next session's open."""
+
+    name = "buy_at"
+
+    def __init__(self, settings: Any = None, at: str = "2023-11-23T12:59") -> None:
+        self.at = at
+
+    def act(self, o: Any) -> Any:
+        from trader.domain import Action, PolicyChoice
+
+        when = datetime.fromtimestamp(o.bar.ts_ns / 1e9, NY).strftime("%Y-%m-%dT%H:%M")
+        a = Action.BUY if when == self.at and o.mask[Action.BUY] else Action.HOLD
+        probs = [0.0] * 6
+        probs[a] = 1.0
+        return PolicyChoice(a, 1.0, probs)
+
+
+def test_a_position_filled_at_the_new_sessions_open_is_that_sessions_not_held_over(tmp_path):
+    """An entry decided on the last bar before the early close fills at the next session's open
+    (18:00): it was not held through any close, so it is not flattened as held over."""
+    out, db = run(
+        tmp_path,
+        "late",
+        data={"paths": [str(NQ)], "start": "2023-11-22T18:00:00", "end": "2023-11-24T12:00:00"},
+        policy={"path": "tests.integration.test_research_config:BuyAt"},
+    )
+    assert out.status == "completed"
+    fills = rows(db, "SELECT ts_ns, side, purpose FROM fills ORDER BY seq")
+    first_ts, _, purpose = fills[0]
+    opened = datetime.fromtimestamp(first_ts / 1e9, NY)
+    assert (opened.date().isoformat(), opened.hour, opened.minute, purpose) == ("2023-11-23", 18, 0, "entry")
+    assert all(p != "flatten:held_over_session_close" for _, _, p in fills)
+
+
+def test_a_rule_policy_primed_with_history_bars_decides_as_in_the_replay(tmp_path):
+    """A live or paper start warms up on history bars (``Engine.prime``): a rule policy with its own
+    indicators (EmaCross) must see them, as it sees a replay's warm-up bars, or it starts cold at
+    the first live bar and decides otherwise than the replay of the same bars."""
+    import asyncio
+
+    from trader.wiring import build_replay
+
+    s = make_settings(
+        data={"paths": [str(NQ)], "end": "2023-11-21T17:00:00"},
+        policy={"path": "trader.policy.rules:EmaCross", "options": {"fast": 5, "slow": 30}},
+        features={"warmup_bars": 300},
+    )
+
+    def decisions(primed: bool) -> tuple[list[tuple[int, int]], int]:
+        run = build_replay(s, tmp_path / f"{primed}.sqlite")
+        engine, seen = run.engine, []
+        rule = engine.policy
+        act = rule.act
+
+        def watch(o: Any) -> Any:
+            choice = act(o)
+            if o.ready:
+                seen.append((o.bar.ts_ns, int(choice.action)))
+            return choice
+
+        engine.policy.act = watch  # type: ignore[method-assign]
+        assert run.recorded is not None
+        bars = [b for b, _ in run.recorded.items() if b is not None]
+
+        async def drive() -> None:
+            await engine.broker.start()
+            for k, b in enumerate(bars):
+                if primed and k < 300:
+                    assert engine.prime(b)
+                else:
+                    await engine.on_bar(b)
+            await engine.close()
+
+        asyncio.run(drive())
+        run.journal.close()
+        return seen, rule.slow._seen  # type: ignore[attr-defined]  # closes the EMA took in
+
+    (replayed, replay_seen), (primed, primed_seen) = decisions(False), decisions(True)
+    assert len(replayed) > 500 and primed == replayed
+    assert primed_seen == replay_seen > len(replayed) + 300  # every close, the history's included

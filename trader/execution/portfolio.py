@@ -37,6 +37,7 @@ class Portfolio:
         # a holiday's 13:00, a gap in the data): the engine has the risk engine flatten it
         self.held_over = False
         self._flattens = settings.instrument.flatten_at != "off"
+        self._marked_position = 0  # the position at the last bar's close (before this bar's fills)
         self.daily_trades = 0
         # protection state mirrored from the working stop
         self.stop_price: float | None = None
@@ -168,7 +169,8 @@ class Portfolio:
     def mark_bar(self, bar: Bar, session_id: int) -> None:
         """Mark to the bar's close; trail the drawdown peak with the bar's favourable extreme."""
         if session_id != self.session_id:
-            if self.position and self._flattens and self.session_id >= 0:
+            # held at the last bar's close: an order filled at this bar's open is the new session's
+            if self._marked_position and self._flattens and self.session_id >= 0:
                 self.held_over = True
             self.session_id = session_id
             self.session_start_equity = self.balance_usd + self.unrealized_usd
@@ -180,7 +182,7 @@ class Portfolio:
                 self.recent.clear()
             self._version += 1
         self.last_close = bar.close
-        pos = self.position
+        pos = self._marked_position = self.position
         if pos:
             self._version += 1
             self.bars_in_trade += 1
