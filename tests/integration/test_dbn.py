@@ -422,3 +422,43 @@ def test_a_dbn_file_is_known_by_its_bytes_whatever_its_name(tmp_path, nq, nq_fil
     path = tmp_path / "skip.dbn.zst"
     path.write_bytes(skippable + nq_files["zst"].read_bytes())
     assert same_bars(load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ"), nq)
+
+
+def zstd_stored(data: bytes) -> bytes:
+    """A zstd frame of raw (stored) blocks, written out per RFC 8878: no compressor needed."""
+    out = bytearray((0xFD2FB528).to_bytes(4, "little") + bytes([0x00, 0x38]))  # no FCS; 128 KiB window
+    chunks = [data[i : i + (1 << 17)] for i in range(0, len(data), 1 << 17)] or [b""]
+    for k, chunk in enumerate(chunks):
+        last = 1 if k == len(chunks) - 1 else 0
+        out += ((len(chunk) << 3) | last).to_bytes(3, "little") + chunk  # block type 0: raw
+    return bytes(out)
+
+
+def test_a_zstd_compressed_csv_is_read_as_csv_not_taken_for_dbn(tmp_path, nq):
+    """Recognising DBN by its bytes must not catch zstd-compressed CSV (Databento's batch
+    downloads can be that): its data does not start as DBN."""
+    lines = NQ.read_bytes().splitlines(keepends=True)[:201]
+    path = tmp_path / "bars.csv.zst"
+    path.write_bytes(zstd_stored(b"".join(lines)))
+    rb = load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ")
+    assert np.array_equal(rb.close, nq.close[:200]) and np.array_equal(rb.ts_ns, nq.ts_ns[:200])
+    dbn_in_zstd = tmp_path / "bars.zst"  # and a DBN file in a zstd frame, named neither way
+    dbn_in_zstd.write_bytes(zstd_stored(meta_bytes(bar_records(nq, 42)[:300], ["NQZ3"], [NQZ3])
+                                        + b"".join(r for _, r in bar_records(nq, 42)[:300])))  # fmt: skip
+    assert np.array_equal(
+        load_bars(make_settings().data, [dbn_in_zstd], tick_size=0.25).close, nq.close[:300]
+    )
+
+
+def test_a_legacy_file_whose_bars_are_ohlcv_deprecated_is_read_when_its_schema_is_ohlcv_1m(
+    tmp_path, nq_files, nq
+):
+    """Files written before DBN 0.4 mark every OHLCV bar with rtype OHLCV_DEPRECATED (0x11); under
+    a header of schema ohlcv-1m those are 1-minute bars."""
+    raw = bytearray(nq_files["dbn"].read_bytes())
+    first = 8 + int.from_bytes(raw[4:8], "little")
+    for k in range(first, len(raw), 56):
+        raw[k + 1] = int(dbn.RType.OHLCV_DEPRECATED)
+    path = tmp_path / "legacy.dbn"
+    path.write_bytes(bytes(raw))
+    assert same_bars(load_bars(make_settings().data, [path], tick_size=0.25, symbol="NQ"), nq)

@@ -74,8 +74,26 @@ _NOT_DATA = (*_MAPPINGS, SystemMsg, SystemMsgV1, ErrorMsg, ErrorMsgV1)
 
 
 def is_dbn(path: Path, head: bytes = b"") -> bool:
-    """A DBN file by its name, or by its first bytes (``head``: DBN's magic or a zstd frame)."""
-    return path.name.lower().endswith(DBN_SUFFIXES) or head.startswith(b"DBN") or is_zstd(head)
+    """A DBN file by its name, or by its first bytes (``head``): DBN's magic, or zstd data whose
+    first bytes decompress to DBN's (a zstd-compressed CSV is not DBN: polars reads it)."""
+    if path.name.lower().endswith(DBN_SUFFIXES) or head.startswith(b"DBN"):
+        return True
+    return is_zstd(head) and _zstd_holds_dbn(path)
+
+
+def _zstd_holds_dbn(path: Path) -> bool:
+    """Whether a zstd file's data starts as DBN: the package's own decoder reads its header."""
+    try:
+        with path.open("rb") as f:
+            start = f.read(1 << 16)
+        decoder = DBNDecoder(compression=cast(Compression, Compression.ZSTD))
+        decoder.write(start)
+        decoder.decode()
+    except BaseException as exc:
+        if not _decoder_failure(exc) and not isinstance(exc, OSError):
+            raise
+        return False
+    return True
 
 
 def is_zstd(data: bytes) -> bool:
@@ -185,7 +203,14 @@ def _decode(
                     other_data[kind] = other_data.get(kind, 0) + 1
             if not bars:
                 continue
-            other = [i for i, r in enumerate(bars) if r.rtype != RType.OHLCV_1M]
+            # files written before DBN 0.4 mark every OHLCV bar OHLCV_DEPRECATED: in a file of
+            # schema ohlcv-1m those are its 1-minute bars
+            legacy = meta is not None and meta.schema == Schema.OHLCV_1M
+            other = [
+                i
+                for i, r in enumerate(bars)
+                if r.rtype != RType.OHLCV_1M and not (legacy and r.rtype == RType.OHLCV_DEPRECATED)
+            ]
             if other:
                 r = bars[other[0]]
                 raise DataError(
