@@ -477,9 +477,17 @@ class Engine:
             self._reject(bar, -1, reason)
             return False
         _BAR_CLOCK.ts_ns = bar.ts_ns
-        self.features.update(bar)
-        self.portfolio.mark_bar(bar, self.clock.session_of_local(self.clock.local_s(bar.ts_ns)))
-        self.portfolio.held_over = False  # history bars never flatten what the broker holds
+        obs = self.features.update(bar)
+        local_s = self.clock.local_s(bar.ts_ns)
+        pf = self.portfolio
+        pf.mark_bar(bar, self.clock.session_of_local(local_s))
+        pf.held_over = False  # history bars never flatten what the broker holds
+        if self._warm_policy:  # a rule policy's indicators start with the history, as in a replay
+            self.policy.act(
+                _observed(
+                    (self.bar_index, bar, (local_s // 60) % 1440, pf.snapshot(), obs, self._mask, False, 0)
+                )
+            )
         self.primed += 1
         self.last_bar = bar
         if self.journal_bars:
@@ -745,6 +753,8 @@ class Engine:
             pf = self.portfolio
             if pf.held_over:  # as decide() leaves it (the journaled verdict has its flatten)
                 pf.held_over = pf.position != 0 and o.bar_index != self._first_index
+            if self._warm_policy:  # its indicators see every bar, as in the run (answer unused)
+                self.policy.act(o)
             await self._carry_out(o, self.planner.plan(verdict, o.snapshot, self.features.atr, o.bar_index))
             latency = time.perf_counter_ns() - o.t0_ns
             a = verdict.action

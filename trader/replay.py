@@ -76,11 +76,11 @@ async def run_replay(
         status = stats.status
     finally:
         try:
-            engine.end_of_run()
             # data.close_at_end: a position still open after the last bar is closed at its close
             # (a failed run is left as it is: what it holds is for recovery to see)
             flatten = settings.data.close_at_end and status != "failed"
             await engine.close(flatten=flatten, reason="flatten:end_of_replay")
+            engine.end_of_run()  # the last session's summary, the close at the end included
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
