@@ -944,6 +944,25 @@ def _json_kind(tp: Any) -> str | None:
     return None
 
 
+def setting_annotation(parts: Sequence[str]) -> Any | None:
+    """The type annotation of the setting at ``parts`` (``["risk", "max_contracts"]``; keys of
+    table settings such as ``fusion.strategy_options`` included), or None when no setting is
+    there."""
+    tp: Any = Settings
+    for part in parts:
+        model, base = model_type(tp), unwrap_type(tp)
+        if model is not None:
+            found = model.model_fields.get(part)
+            tp = None if found is None else found.annotation
+        elif get_origin(base) is dict:
+            tp = get_args(base)[1]
+        else:
+            return None
+        if tp is None:
+            return None
+    return tp
+
+
 def _env_problems() -> list[str]:
     """TRADER_* variables whose value cannot be decoded, named (pydantic-settings' own error names
     only the section)."""
@@ -953,18 +972,7 @@ def _env_problems() -> list[str]:
         if not up.startswith("TRADER_"):
             continue
         parts = up.removeprefix("TRADER_").lower().split("__")
-        tp: Any = Settings
-        for part in parts:
-            model, base = model_type(tp), unwrap_type(tp)
-            if model is not None:
-                field = model.model_fields.get(part)
-                tp = None if field is None else field.annotation
-            elif get_origin(base) is dict:
-                tp = get_args(base)[1]
-            else:
-                tp = None
-            if tp is None:
-                break
+        tp = setting_annotation(parts)
         if tp is None:
             continue  # not a setting (TRADER_CONTROL_TOKEN), or an unknown key pydantic names itself
         kind = _json_kind(tp)

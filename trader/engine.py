@@ -570,20 +570,17 @@ class Engine:
             probs = WARMUP_CHOICE.probs
             decision = _WARMUP
         ctx = self.controls.risk_context(bar.ts_ns, o.minute_of_day, self.features.context, self._catching_up)
-        if pf.held_over:  # rare: a position outlived its session (Portfolio.mark_bar)
-            # flattened as on an operator's request; not a position adopted before the first bar
-            pf.held_over = pf.position != 0 and i != self._first_index
-            if pf.held_over:
-                ctx = RiskContext(
-                    ctx.ts_ns,
-                    ctx.minute_of_day,
-                    ctx.market,
-                    ctx.halted,
-                    ctx.halt_reason,
-                    ctx.catching_up,
-                    flatten="held_over_session_close",
-                    kill_switch=ctx.kill_switch,
-                )
+        if pf.held_over and self._still_held_over(i):  # rare: flattened as on an operator's request
+            ctx = RiskContext(
+                ctx.ts_ns,
+                ctx.minute_of_day,
+                ctx.market,
+                ctx.halted,
+                ctx.halt_reason,
+                ctx.catching_up,
+                flatten="held_over_session_close",
+                kill_switch=ctx.kill_switch,
+            )
         verdict = self.risk.review(decision.action, snap, ctx)  # 8
         if verdict.action == Action.HOLD and not verdict.flatten:
             plan = None  # 9: what the planner plans for a HOLD that flattens nothing (most bars)
@@ -595,6 +592,14 @@ class Engine:
             self.controls.flat()  # an operator's flatten request is done once flat
         latency = time.perf_counter_ns() - o.t0_ns - int(waited * 1e9)
         self._account_for(i, bar, probs, decision, advice, verdict, latency, busy)  # 11
+
+    def _still_held_over(self, i: int) -> bool:
+        """Whether the position Portfolio.mark_bar marked held over a session's end still is, at
+        decided bar ``i``: not once flat, nor a position adopted before the first bar. Clears the
+        mark otherwise."""
+        pf = self.portfolio
+        pf.held_over = pf.position != 0 and i != self._first_index
+        return pf.held_over
 
     def _entry_decision(self, rl_action: Action, o: Observed) -> bool:
         """The RL proposes to open, reverse or close a position (BUY or SELL while flat, or against
@@ -750,9 +755,8 @@ class Engine:
             o = self.observe(bar, row)
             if o is None:
                 return False
-            pf = self.portfolio
-            if pf.held_over:  # as decide() leaves it (the journaled verdict has its flatten)
-                pf.held_over = pf.position != 0 and o.bar_index != self._first_index
+            if self.portfolio.held_over:  # as decide() leaves it (the journaled verdict has its flatten)
+                self._still_held_over(o.bar_index)
             if self._warm_policy:  # its indicators see every bar, as in the run (answer unused)
                 self.policy.act(o)
             await self._carry_out(o, self.planner.plan(verdict, o.snapshot, self.features.atr, o.bar_index))

@@ -28,20 +28,24 @@ def settings():
     return make_settings(data={"start": FROM})
 
 
+def walk(out_dir: Path, run_id: str, s=None, test_days: int = 2):
+    """A sequential walk-forward of the tiny training budget: 2 training sessions a window."""
+    return run_walk_forward(
+        s or settings(),
+        TrainConfig(checkpoint_every=0, **TINY),
+        train_days=2,
+        test_days=test_days,
+        workers=1,
+        data_paths=[NQ],
+        out_dir=out_dir,
+        run_id=run_id,
+    )
+
+
 @pytest.fixture(scope="module")
 def walked(tmp_path_factory):
     out = tmp_path_factory.mktemp("wf")
-    result = run_walk_forward(
-        settings(),
-        TrainConfig(checkpoint_every=0, **TINY),
-        train_days=2,
-        test_days=2,
-        workers=1,
-        data_paths=[NQ],
-        out_dir=out / "seq",
-        run_id="wf-test",
-    )
-    return result, out
+    return walk(out / "seq", "wf-test"), out
 
 
 def meta(path: Path) -> dict[str, str]:
@@ -197,16 +201,7 @@ def test_an_out_directory_holding_a_walk_forward_is_refused_before_any_training(
     with pytest.raises(
         ConfigError, match=r"holds an earlier walk-forward \(journal.sqlite, walkforward.json"
     ):
-        run_walk_forward(
-            settings(),
-            TrainConfig(checkpoint_every=0, **TINY),
-            train_days=2,
-            test_days=3,
-            workers=1,
-            data_paths=[NQ],
-            out_dir=out / "seq",
-            run_id="wf-test",
-        )
+        walk(out / "seq", "wf-test", test_days=3)
     assert summary.read_bytes() == before
 
 
@@ -216,16 +211,7 @@ def test_a_last_window_cut_by_to_records_the_cut_not_the_end_of_the_data(tmp_pat
     from trader.research.compare import windows_from_walk_forward
 
     cut = "2023-12-01T12:00:00"
-    result = run_walk_forward(
-        make_settings(data={"start": FROM, "end": cut}),
-        TrainConfig(checkpoint_every=0, **TINY),
-        train_days=2,
-        test_days=3,
-        workers=1,
-        data_paths=[NQ],
-        out_dir=tmp_path / "cut",
-        run_id="wf-cut",
-    )
+    result = walk(tmp_path / "cut", "wf-cut", make_settings(data={"start": FROM, "end": cut}), test_days=3)
     summary = json.loads((tmp_path / "cut" / "walkforward.json").read_text())
     (last,) = summary["windows"]
     assert last["test_to"] is not None and last["test_to"].startswith(cut)

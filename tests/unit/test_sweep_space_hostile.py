@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_sweep_space import SWEEP_OVERRIDES, space_file
 from trader.errors import ConfigError
 from trader.research.space import grid_points, load_space, merge, nested, random_points, validate_space
 from trader.research.sweep import (
@@ -22,14 +23,6 @@ from trader.research.sweep import (
     run_sweep,
     settings_environment,
 )
-
-SWEEP_OVERRIDES = {"advisor": {"mode": "off"}}
-
-
-def space_file(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "space.toml"
-    path.write_text(text)
-    return path
 
 
 def refused(tmp_path: Path, text: str, *, validate: bool = True) -> str:

@@ -323,18 +323,21 @@ def _pick(
     ts: np.ndarray,
     root: str | None,
     wanted: str | None,
-    in_stream: dict[int, set[str]] | None = None,
+    in_stream: dict[int, set[str]],
 ) -> tuple[str, np.ndarray]:
     """The symbol replayed and the rows that are its bars."""
     intervals = _symbol_intervals(meta)
     ids = sorted(set(iid.tolist()))
+    names = {} if intervals else _names_by_id(meta, ids, in_stream)
+    held = ", ".join(sorted(intervals)) or "; ".join(
+        f"{i}: {', '.join(sorted(n))}" for i, n in names.items() if n
+    )
+    where = (
+        f"{path} (dataset {meta.dataset}, instrument ids {', '.join(map(str, ids))}; "
+        f"symbols: {held or 'no symbol mappings'})"
+    )
     if intervals:
-        held = ", ".join(sorted(intervals))
-        where = f"{path} (dataset {meta.dataset}, instrument ids {', '.join(map(str, ids))}; symbols: {held})"
         return _pick_mapped(where, intervals, iid, ts, ids, root, wanted)
-    names = _names_by_id(meta, ids, in_stream or {})
-    held = "; ".join(f"{i}: {', '.join(sorted(n))}" for i, n in names.items() if n) or "no symbol mappings"
-    where = f"{path} (dataset {meta.dataset}, instrument ids {', '.join(map(str, ids))}; symbols: {held})"
     if wanted is not None:
         hits = [i for i in ids if wanted == str(i) or wanted in names[i]]
         if len(hits) != 1:

@@ -48,11 +48,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from trader.config import (
-    Settings,
     load_settings,
-    model_type,
     secret_problems,
-    unwrap_type,
+    setting_annotation,
 )
 from trader.errors import ConfigError
 
@@ -131,38 +129,35 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _flatten(file: Path, table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``[base]``'s ``{"a": {"b": 1}}`` and ``{"a.b": 1}`` both as ``{"a.b": 1}``; the same key
-    written both ways is refused (TOML allows it: one is a quoted key, the other a table)."""
+def _leaves(
+    file: Path, section: str, table: Mapping[str, Any], is_leaf: Callable[[Any], bool], prefix: str = ""
+) -> dict[str, Any]:
+    """A section's tables as dotted keys: ``{"a": {"b": 1}}`` and ``{"a.b": 1}`` both as
+    ``{"a.b": 1}`` (down to the values ``is_leaf`` says end a key path); the same key written both
+    ways is refused (TOML allows it: one is a quoted key, the other a table)."""
     out: dict[str, Any] = {}
     for k, v in table.items():
         key = f"{prefix}{k}"
-        leaves = _flatten(file, v, key + ".") if isinstance(v, Mapping) and v else {key: v}
+        leaves = {key: v} if is_leaf(v) else _leaves(file, section, v, is_leaf, key + ".")
         for leaf, value in leaves.items():
             if leaf in out:
-                raise _fail(file, f'base."{leaf}"', _TWICE)
+                raise _fail(
+                    file,
+                    f'{section}."{leaf}"',
+                    "is given twice (once quoted, once as nested tables or a dotted key); give it once",
+                )
             out[leaf] = value
     return out
 
 
-_TWICE = "is given twice (once quoted, once as nested tables or a dotted key); give it once"
+def _base_leaf(v: Any) -> bool:
+    return not (isinstance(v, Mapping) and v)
 
 
-def _param_tables(file: Path, table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Leaves of ``[params]``: a table holding one distribution key ends a key path, so both
-    ``[params."a.b"]`` and ``[params.a.b]`` name the key ``a.b`` (both at once are refused)."""
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v and not any(kind in v for kind in KINDS):
-            leaves = _param_tables(file, v, key + ".")
-        else:
-            leaves = {key: v}
-        for leaf, spec in leaves.items():
-            if leaf in out:
-                raise _fail(file, f'params."{leaf}"', _TWICE)
-            out[leaf] = spec
-    return out
+def _param_leaf(v: Any) -> bool:
+    """A ``[params]`` table holding a distribution key ends a key path: ``[params."a.b"]`` and
+    ``[params.a.b]`` both name the key ``a.b``."""
+    return _base_leaf(v) or any(kind in v for kind in KINDS)
 
 
 def _distribution(path: Path, key: str, spec: Any) -> Distribution:
@@ -245,7 +240,8 @@ def load_space(path: str | Path) -> SweepSpace:
     params_table = raw.get("params")
     if not isinstance(params_table, Mapping) or not params_table:
         raise _fail(file, "params", 'no parameters: add tables like [params."fusion.llm_weight"]')
-    params = {k: _distribution(file, k, v) for k, v in _param_tables(file, params_table).items()}
+    specs = _leaves(file, "params", params_table, _param_leaf)
+    params = {k: _distribution(file, k, v) for k, v in specs.items()}
     base_dir = file.resolve().parent
     for key, dist in params.items():
         if key in PATH_KEYS and dist.values:
@@ -254,7 +250,8 @@ def load_space(path: str | Path) -> SweepSpace:
     base_table = raw.get("base", {})
     if not isinstance(base_table, Mapping):
         raise _fail(file, "base", f"expected a table, got {base_table!r}")
-    base = {k: _resolve_path(k, v, base_dir) for k, v in _flatten(file, base_table).items()}
+    base_values = _leaves(file, "base", base_table, _base_leaf)
+    base = {k: _resolve_path(k, v, base_dir) for k, v in base_values.items()}
     _check_overlaps(file, params, base)
     for key, value in base.items():
         _check_settable(file, f'base."{key}"', key, value)
@@ -344,25 +341,6 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
             else:
                 out[k] = copy.deepcopy(v)
     return out
-
-
-def setting_annotation(parts: Sequence[str]) -> Any | None:
-    """The type annotation of the setting at ``parts`` (``["risk", "max_contracts"]``; keys of
-    table settings such as ``fusion.strategy_options`` included), or None when no setting is
-    there."""
-    tp: Any = Settings
-    for part in parts:
-        model, base = model_type(tp), unwrap_type(tp)
-        if model is not None:
-            found = model.model_fields.get(part)
-            tp = None if found is None else found.annotation
-        elif get_origin(base) is dict:
-            tp = get_args(base)[1]
-        else:
-            return None
-        if tp is None:
-            return None
-    return tp
 
 
 def _scalar_types(tp: Any) -> set[type]:

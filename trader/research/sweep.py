@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO, get_origin
 
 from trader import __version__
-from trader.config import load_settings, model_type, unwrap_type
+from trader.config import load_settings, model_type, setting_annotation, unwrap_type
 from trader.errors import ConfigError, DataError, TraderError
 from trader.research.ray_runtime import RayRuntime, check_workers, connect
 from trader.research.space import (
@@ -55,7 +55,6 @@ from trader.research.space import (
     optuna_distribution,
     random_points,
     secrets_in,
-    setting_annotation,
     trial_key,
     validate_space,
 )
